@@ -1,0 +1,33 @@
+"""dam-mergekit: Defense-Aware Merging (DAM, Yang et al., ICLR 2025) as a mergekit merge method.
+
+Importing this package is cheap on purpose (the ``.pth`` start-up hook imports it in every Python
+process): torch and mergekit are imported only when a public name that needs them is used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first use)
+_LAZY = {
+    "register_methods": "dam_mergekit.method",
+    "DamMerge": "dam_mergekit.method",
+    "merge_tensor": "dam_mergekit.merge",
+    "run_merge": "dam_mergekit.recipe.run",
+    "load_recipe": "dam_mergekit.recipe.load",
+    "MaskFile": "dam_mergekit.masks",
+    "MaskSet": "dam_mergekit.masks",
+    "write_mask_file": "dam_mergekit.masks",
+    "DamError": "dam_mergekit.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dam_mergekit' has no attribute {name!r}")

@@ -1,0 +1,66 @@
+"""``dam-mergekit`` (one subcommand per stage of the data path) and ``mergekit-dam-yaml``.
+
+Each stage module exposes ``add_parser(subparsers)``; the parser it adds sets ``func``. Stage modules
+are imported only when the CLI starts, so ``dam-mergekit --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import import_module
+
+from dam_mergekit import __version__
+
+# Stage modules that contribute subcommands, in the order of the data path.
+COMMAND_MODULES = (
+    "dam_mergekit.masks.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dam-mergekit",
+        description="Defense-Aware Merging (DAM, arXiv 2410.13910) for mergekit.",
+    )
+    parser.add_argument("--version", action="version", version=f"dam-mergekit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in COMMAND_MODULES:
+        import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    from dam_mergekit.errors import DamError
+
+    try:
+        return int(args.func(args) or 0)
+    except DamError as err:
+        print(f"dam-mergekit: error: {err}", file=sys.stderr)
+        return 2
+
+
+def mergekit_dam_yaml(argv: Sequence[str] | None = None) -> None:
+    """``mergekit-yaml`` with DAM registered and the pre-flight guard on; takes every stock flag."""
+    from dam_mergekit.errors import DamError
+    from dam_mergekit.recipe.run import install_guard
+
+    install_guard()
+    from mergekit.scripts import run_yaml
+
+    try:
+        run_yaml.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="mergekit-dam-yaml")
+    except DamError as err:
+        print(f"mergekit-dam-yaml: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,306 @@
+"""The mask file: one safetensors file holding M1, M2 and the coefficients of a DAM merge.
+
+Layout (see docs/mask-format.md for the full specification):
+
+- ``m1/<tensor>``: the task-shared mask of one output tensor;
+- ``m2/<i>/<tensor>``: the backdoor-detection mask of expert ``i``, or ``m2/shared/<tensor>``;
+- ``coef/<tensor>``: float32 ``[n_experts]``, the learned coefficient of each expert;
+- header metadata ``dam_mergekit``: JSON with the format version, the fingerprints of the base and
+  of every expert, and for each tensor its shape and how each mask is stored.
+
+A binary mask is stored bit-packed (``uint8``, 1 bit per value); a soft mask as float16/float32;
+a mask that keeps everything is not stored at all (``"ones"``). Masks may have the tensor's shape or
+any shape that broadcasts to it (``[rows, 1]`` for row masks, ``[]`` for a whole-tensor mask).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dam_mergekit import __version__
+from dam_mergekit.errors import DamError
+from dam_mergekit.masks.bits import is_binary, pack_bits, unpack_bits
+
+FORMAT = "dam-mergekit-masks"
+FORMAT_VERSION = 1
+METADATA_KEY = "dam_mergekit"
+SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A model as the mask file knows it: the recipe's reference and its fingerprint."""
+
+    model: str
+    fingerprint: str
+
+
+@dataclass
+class MaskSet:
+    """Masks and coefficients in memory, keyed by mergekit's output tensor names.
+
+    ``m1[name]``: task-shared mask; absent means keep everything.
+    ``m2[name]``: a list with one mask (or None) per expert, or one tensor shared by all experts.
+    ``coefficients[name]``: one value per expert; absent means 1.
+    """
+
+    m1: dict[str, torch.Tensor] = field(default_factory=dict)
+    m2: dict[str, torch.Tensor | list[torch.Tensor | None]] = field(default_factory=dict)
+    coefficients: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def write_mask_file(
+    path: str | os.PathLike,
+    masks: MaskSet,
+    *,
+    base: ModelRecord,
+    experts: Sequence[ModelRecord],
+    tensor_shapes: Mapping[str, Sequence[int]],
+    settings: Mapping[str, Any] | None = None,
+    soft_dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``masks`` atomically (temporary file, then rename) and return the path.
+
+    ``tensor_shapes`` lists every tensor the file covers, with the shape of the tensor itself.
+    Every mask is checked (shape broadcasts, finite, within [0, 1]) before anything is written.
+    """
+    path = Path(path)
+    n = len(experts)
+    known = set(tensor_shapes)
+    for kind, table in (("m1", masks.m1), ("m2", masks.m2), ("coef", masks.coefficients)):
+        extra = sorted(set(table) - known)
+        if extra:
+            raise DamError(f"{path}: {kind} mask for {extra[0]!r}, which is not in tensor_shapes")
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    shared = any(isinstance(v, torch.Tensor) for v in masks.m2.values())
+    if shared and any(not isinstance(v, torch.Tensor) for v in masks.m2.values()):
+        raise DamError(f"{path}: m2 must be shared by all experts for every tensor, or for none")
+    for name, shape in tensor_shapes.items():
+        shape = [int(s) for s in shape]
+        entry: dict[str, Any] = {"shape": shape}
+        entry["m1"] = _store(tensors, f"m1/{name}", masks.m1.get(name), shape, soft_dtype, path)
+        m2 = masks.m2.get(name)
+        if isinstance(m2, torch.Tensor):
+            entry["m2"] = [_store(tensors, f"m2/{SHARED}/{name}", m2, shape, soft_dtype, path)]
+        else:
+            if m2 is not None and len(m2) != n:
+                raise DamError(f"{path}: {name}: {len(m2)} m2 masks for {n} experts")
+            per = m2 if m2 is not None else [None] * n
+            entry["m2"] = [
+                _store(tensors, f"m2/{i}/{name}", m, shape, soft_dtype, path)
+                for i, m in enumerate(per)
+            ]
+        coef = masks.coefficients.get(name)
+        if coef is not None:
+            coef = torch.as_tensor(coef, dtype=torch.float32).detach().reshape(-1).cpu()
+            if coef.numel() != n or not torch.isfinite(coef).all():
+                raise DamError(f"{path}: {name}: coefficients must be {n} finite numbers")
+            tensors[f"coef/{name}"] = coef.contiguous()
+        entries[name] = entry
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"dam-mergekit {__version__}",
+        "base": asdict(base),
+        "experts": [asdict(e) for e in experts],
+        "m2_shared": shared,
+        "settings": dict(settings or {}),
+        "tensors": entries,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _store(
+    out: dict[str, torch.Tensor],
+    key: str,
+    mask: torch.Tensor | None,
+    shape: list[int],
+    soft_dtype: torch.dtype,
+    path: Path,
+) -> dict[str, Any]:
+    """Check one mask, add its stored form to ``out`` and return its header entry."""
+    if mask is None:
+        return {"kind": "ones"}
+    mask = torch.as_tensor(mask).detach().cpu()
+    name = key.split("/", 2)[-1] if key.startswith("m2/") else key[3:]
+    _check_broadcast(list(mask.shape), shape, f"{path}: {name}: mask")
+    if mask.dtype != torch.bool:
+        mask = mask.float()
+        if not torch.isfinite(mask).all():
+            raise DamError(f"{path}: {name}: mask has NaN or inf values")
+        if (mask < 0).any() or (mask > 1).any():
+            raise DamError(f"{path}: {name}: mask values must lie in [0, 1]")
+    if is_binary(mask):
+        if mask.numel() and bool(mask.all()):
+            return {"kind": "ones"}
+        out[key] = pack_bits(mask)
+        return {"kind": "bits", "shape": list(mask.shape)}
+    out[key] = mask.to(soft_dtype).contiguous()
+    return {"kind": "float", "shape": list(mask.shape)}
+
+
+def _check_broadcast(mask_shape: list[int], shape: list[int], what: str) -> None:
+    ok = len(mask_shape) <= len(shape) and all(
+        m in (1, s) for m, s in zip(reversed(mask_shape), reversed(shape))
+    )
+    if not ok:
+        raise DamError(
+            f"{what} has shape {mask_shape}, which does not broadcast to the tensor's shape "
+            f"{shape}; re-create the mask file for these models"
+        )
+
+
+class MaskFile:
+    """Lazy, thread-safe reader: one tensor at a time, never the whole file in memory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DamError(
+                f"{self.path}: mask file not found; create it with `dam-mergekit calibrate` "
+                "or `dam-mergekit masks init`"
+            )
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            raw = (self._handle.metadata() or {}).get(METADATA_KEY)
+            header = json.loads(raw) if raw else None
+        except Exception as err:  # safetensors raises its own error types
+            raise DamError(
+                f"{self.path}: truncated or corrupt mask file ({err}); re-create it"
+            ) from None
+        if not header or header.get("format") != FORMAT:
+            raise DamError(f"{self.path}: not a dam-mergekit mask file (no {METADATA_KEY} header)")
+        if header.get("format_version") != FORMAT_VERSION:
+            raise DamError(
+                f"{self.path}: mask format version {header.get('format_version')}, this "
+                f"dam-mergekit reads version {FORMAT_VERSION}; upgrade dam-mergekit"
+            )
+        self.header = header
+        self._keys = set(self._handle.keys())
+        self._lock = threading.Lock()
+        self._check_layout()
+
+    # -- header ---------------------------------------------------------------------------------
+    @property
+    def base(self) -> ModelRecord:
+        return ModelRecord(**self.header["base"])
+
+    @property
+    def experts(self) -> list[ModelRecord]:
+        return [ModelRecord(**e) for e in self.header["experts"]]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.header.get("settings", {}))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.header["tensors"])
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._entry(name)["shape"])
+
+    # -- tensors --------------------------------------------------------------------------------
+    def m1(self, name: str) -> torch.Tensor | None:
+        """The task-shared mask of ``name`` (None: keeps everything)."""
+        return self._load(f"m1/{name}", self._entry(name)["m1"], name)
+
+    def m2(self, name: str, expert: int) -> torch.Tensor | None:
+        """The backdoor-detection mask of expert ``expert`` for ``name`` (None: keeps everything)."""
+        specs = self._entry(name)["m2"]
+        if self.header.get("m2_shared"):
+            return self._load(f"m2/{SHARED}/{name}", specs[0], name)
+        return self._load(f"m2/{expert}/{name}", specs[expert], name)
+
+    def coefficients(self, name: str) -> torch.Tensor:
+        """float32 ``[n_experts]``; ones where the file stores none."""
+        self._entry(name)
+        key = f"coef/{name}"
+        if key not in self._keys:
+            return torch.ones(len(self.header["experts"]))
+        with self._lock:
+            return self._handle.get_tensor(key).float()
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        try:
+            return self.header["tensors"][name]
+        except KeyError:
+            raise DamError(
+                f"{self.path}: no masks for tensor {name!r}; the file was made for other models "
+                "or another recipe, re-create it (dam-mergekit calibrate / masks init)"
+            ) from None
+
+    def _load(self, key: str, spec: dict[str, Any], name: str) -> torch.Tensor | None:
+        kind = spec["kind"]
+        if kind == "ones":
+            return None
+        with self._lock:
+            stored = self._handle.get_tensor(key)
+        if kind == "bits":
+            try:
+                return unpack_bits(stored, tuple(spec["shape"]))
+            except ValueError as err:
+                raise DamError(f"{self.path}: {name}: corrupt bit-packed mask ({err})") from None
+        return stored
+
+    def _check_layout(self) -> None:
+        """Header and stored tensors must agree; cheap (reads no tensor data)."""
+        n = len(self.header["experts"])
+        expected: set[str] = set()
+        for name, entry in self.header["tensors"].items():
+            specs = entry.get("m2", [])
+            want = 1 if self.header.get("m2_shared") else n
+            if len(specs) != want:
+                raise DamError(f"{self.path}: {name}: {len(specs)} m2 entries, expected {want}")
+            stored = [(f"m1/{name}", entry["m1"])]
+            if self.header.get("m2_shared"):
+                stored.append((f"m2/{SHARED}/{name}", specs[0]))
+            else:
+                stored += [(f"m2/{i}/{name}", s) for i, s in enumerate(specs)]
+            for key, spec in stored:
+                if spec["kind"] != "ones":
+                    if key not in self._keys:
+                        raise DamError(f"{self.path}: header names {key!r} but the file lacks it")
+                    _check_broadcast(spec["shape"], entry["shape"], f"{self.path}: {name}: mask")
+                    expected.add(key)
+            if f"coef/{name}" in self._keys:
+                expected.add(f"coef/{name}")
+        stray = sorted(self._keys - expected)
+        if stray:
+            raise DamError(f"{self.path}: stored tensor {stray[0]!r} is not described in the header")
+
+    def kept_fraction(self, name: str, expert: int | None = None) -> float:
+        """Share of the tensor's values kept by M1 (or by M1*M2_expert), soft masks counted."""
+        shape = self.shape(name)
+        numel = math.prod(shape)
+        if numel == 0:
+            return 1.0
+        keep = self.m1(name)
+        keep = torch.ones(()) if keep is None else keep.float()
+        if expert is not None:
+            m2 = self.m2(name, expert)
+            if m2 is not None:
+                keep = keep * m2.float()
+        return float(keep.expand(shape).float().mean()) if keep.dim() else float(keep)

@@ -1,0 +1,84 @@
+"""THE merge formula, written once.
+
+    theta = theta0 + lambda * sum_i w_i * c_i * (M1 * M2_i * tau_i),   tau_i = theta_i - theta0
+
+The mergekit kernel calls it on one tensor; the calibration trainer calls it on differentiable
+tensors. Sharing this function is what makes "the model calibration saw is the model mergekit
+writes" true by construction.
+
+The order of operations follows mergekit's ``task_arithmetic`` exactly (delta, times weight, sum over
+models, times lambda, plus base), so that all-ones masks with unit coefficients reproduce it bit for
+bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def merge_tensor(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    lam: float | torch.Tensor = 1.0,
+    m1: torch.Tensor | None = None,
+    m2: Sequence[torch.Tensor | None] | None = None,
+    coefficients: Sequence[float] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Merge one tensor from its base and expert versions.
+
+    ``m1`` and each ``m2[i]`` broadcast against the tensor (element, row or tensor granularity);
+    ``None`` means "keep everything". ``weights`` are the recipe's per-model weights, and
+    ``coefficients`` the learned per-model scalars (default 1). Gradients flow to every tensor
+    argument, so the trainer can pass mask samples and coefficients that require grad.
+    """
+    n = len(experts)
+    if n == 0:
+        return base
+    deltas = torch.stack([e - base for e in experts])
+    keep = _keep_masks(m1, m2, n)
+    if keep is not None:
+        deltas = deltas * keep
+    scale = _per_model(weights, n, deltas)
+    if coefficients is not None:
+        scale = _per_model(coefficients, n, deltas) * scale
+    while scale.dim() < deltas.dim():
+        scale = scale.unsqueeze(-1)
+    mixed = (deltas * scale).sum(dim=0)
+    if not (isinstance(lam, (int, float)) and lam == 1):
+        mixed = mixed * lam
+    return (base + mixed).to(base.dtype)
+
+
+def _keep_masks(
+    m1: torch.Tensor | None, m2: Sequence[torch.Tensor | None] | None, n: int
+) -> torch.Tensor | None:
+    """Combine M1 and the per-model M2 into one ``[n, ...]`` factor (None when nothing is masked)."""
+    if m2 is not None and len(m2) != n:
+        raise ValueError(f"got {len(m2)} backdoor masks for {n} experts")
+    per_model = [m for m in (m2 or [None] * n)]
+    if m1 is None and all(m is None for m in per_model):
+        return None
+    rows = []
+    for m in per_model:
+        if m is None:
+            rows.append(m1 if m1 is not None else None)
+        else:
+            rows.append(m if m1 is None else m1 * m)
+    ref = next(r for r in rows if r is not None)
+    rows = [r if r is not None else torch.ones_like(ref) for r in rows]
+    shape = torch.broadcast_shapes(*(r.shape for r in rows))
+    return torch.stack([r.expand(shape) for r in rows])
+
+
+def _per_model(values: Sequence[float] | torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        out = values.to(device=like.device, dtype=like.dtype)
+    else:
+        out = torch.tensor(list(values), dtype=like.dtype, device=like.device)
+    if out.shape != (n,):
+        raise ValueError(f"expected {n} per-model values, got shape {tuple(out.shape)}")
+    return out

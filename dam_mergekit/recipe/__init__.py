@@ -1,0 +1,1 @@
+"""The recipe stage: a mergekit YAML recipe, what mergekit will merge from it, and the guarded run."""

@@ -1,0 +1,71 @@
+"""Read a mergekit recipe and the DAM settings it carries."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dam_mergekit.errors import DamError
+
+METHOD_NAMES = ("dam", "defense_aware_merging")
+
+
+def load_recipe(source: str | os.PathLike | dict[str, Any]):
+    """A ``MergeConfiguration`` from a YAML path or a dict, with a one-line error when invalid."""
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    if isinstance(source, dict):
+        data, where = source, "recipe"
+    else:
+        where = str(source)
+        try:
+            data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DamError(f"{where}: recipe not found") from None
+        except yaml.YAMLError as err:
+            raise DamError(f"{where}: not valid YAML ({err})") from None
+    try:
+        return MergeConfiguration.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        raise DamError(f"{where}: invalid mergekit recipe at {loc}: {first.get('msg')}") from None
+
+
+def is_dam(config) -> bool:
+    return config.merge_method in METHOD_NAMES
+
+
+@dataclass(frozen=True)
+class DamSettings:
+    """The global DAM parameters of a recipe (per-tensor overrides are resolved by the planner)."""
+
+    masks: str | None
+    calibration: str | None
+
+
+def dam_settings(config) -> DamSettings:
+    params = dict(config.parameters or {})
+    masks, calibration = params.get("masks"), params.get("calibration")
+    for key, value in (("masks", masks), ("calibration", calibration)):
+        if value is not None and not isinstance(value, str):
+            raise DamError(f"recipe parameter `{key}` must be one path, got {value!r}")
+    return DamSettings(masks=masks, calibration=calibration)
+
+
+def mask_path_for(masks: str | None, calibration: str | None) -> str:
+    """Where a recipe's masks live: ``masks`` if given, else next to the calibration file."""
+    if masks:
+        return masks
+    if calibration:
+        return str(Path(calibration).with_suffix("")) + ".masks.safetensors"
+    raise DamError(
+        "a `dam` recipe needs `parameters: {masks: FILE}` (a mask file) or "
+        "`parameters: {calibration: FILE}` (to learn one); DAM never falls back to plain task "
+        "arithmetic"
+    )

@@ -1,0 +1,114 @@
+"""What mergekit will merge for a recipe: every output tensor, its shape and resolved parameters.
+
+The names come from mergekit's own planner (``MergePlanner.plan_in_memory``), so they are exactly
+the ``group.metadata.name`` values the kernel will see. Calibration, ``masks init`` and
+``masks validate`` all read tensor names from here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from dam_mergekit.errors import DamError
+from dam_mergekit.masks.fingerprint import read_safetensors_header, weight_files
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    is_float: bool
+    parameters: dict[str, Any]  # shared parameters resolved for this tensor (masks, lambda, ...)
+    weights: dict[str, float]  # expert reference -> resolved `weight`
+
+
+@dataclass
+class RecipePlan:
+    config: Any  # mergekit MergeConfiguration (normalised copy)
+    base: Any  # ModelReference
+    experts: list[Any]  # ModelReference, in recipe order
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def float_tensors(self) -> list[PlannedTensor]:
+        return [t for t in self.tensors if t.is_float]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape for t in self.float_tensors}
+
+
+def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePlan:
+    """Plan ``config`` with mergekit (no tensor is loaded or written) and list its output tensors."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    from dam_mergekit.method import register_methods
+
+    register_methods()
+    options = options or MergeOptions()
+    config = copy.deepcopy(config)
+    if config.base_model is None:
+        raise DamError("a `dam` recipe needs `base_model`: task vectors are taken against it")
+    try:
+        arch_info = get_architecture_info(config, options)
+        LoaderCache().setup(options=options)
+        out_cfg = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+        targets = MergePlanner(config, arch_info, options, out_cfg).plan_in_memory()
+    except DamError:
+        raise
+    except (OSError, RuntimeError, ValueError) as err:
+        raise DamError(f"mergekit could not plan this recipe: {err}") from None
+
+    base = config.base_model
+    experts = [m for m in config.referenced_models() if m != base]
+    header_shapes = _base_shapes(base, allow_pickle=allow_pickle)
+    tensors = []
+    for target in targets:
+        task = target.tensor_task
+        weight = target.weight_info
+        name = weight.name
+        info = header_shapes.get(name)
+        if info is None:
+            for alias in weight.aliases or ():
+                info = header_shapes.get(alias)
+                if info:
+                    break
+        if info is None:
+            if weight.optional:
+                continue
+            raise DamError(f"{base.model.path}: tensor {name!r} not found in the base model")
+        shape, dtype = info
+        params = dict(task.parameters.items())
+        weights = {
+            str(ref): float(values.get("weight", 1.0))
+            for ref, values in task.input_parameters.items()
+            if ref != base
+        }
+        tensors.append(PlannedTensor(name, shape, dtype in FLOAT_DTYPES, params, weights))
+    return RecipePlan(config=config, base=base, experts=experts, tensors=tensors)
+
+
+def model_dir(ref) -> str:
+    """A local directory for a mergekit ``ModelReference`` (downloads hub models, as mergekit does)."""
+    if ref.lora is not None:
+        raise DamError(f"{ref}: LoRA inputs are not supported by dam; merge the adapter first")
+    return ref.local_path()
+
+
+def _base_shapes(base, *, allow_pickle: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in weight_files(model_dir(base), allow_pickle=allow_pickle):
+        if path.suffix != ".safetensors":
+            raise DamError(f"{path}: dam reads tensor shapes from .safetensors checkpoints only")
+        header, _ = read_safetensors_header(path)
+        for key, value in header.items():
+            if key != "__metadata__":
+                shapes[key] = (tuple(value["shape"]), value["dtype"])
+    return shapes
