@@ -6,9 +6,6 @@ process): torch and mergekit are imported only when a public name that needs the
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first use)
@@ -27,7 +24,9 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str):  # PEP 562: import the defining module on first use
     if name in _LAZY:
+        from importlib import import_module
+
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dam_mergekit' has no attribute {name!r}")

@@ -12,12 +12,14 @@ the finder runs two callbacks right after the module has executed:
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
-import logging
 import sys
-from collections.abc import Callable
-from types import ModuleType
+
+TYPE_CHECKING = False  # the idiom that avoids importing typing at start-up
+
+if TYPE_CHECKING:  # annotations only: keep start-up imports minimal
+    from collections.abc import Callable
+    from types import ModuleType
 
 
 def _register(_module: ModuleType) -> None:
@@ -38,10 +40,10 @@ CALLBACKS: dict[str, Callable[[ModuleType], None]] = {
 }
 
 
-class _RunAfterExec(importlib.abc.Loader):
+class _RunAfterExec:
     """Wraps a module's real loader to call ``callback`` once the module has executed."""
 
-    def __init__(self, loader: importlib.abc.Loader, callback: Callable[[ModuleType], None]):
+    def __init__(self, loader, callback: Callable[[ModuleType], None]):
         self._loader = loader
         self._callback = callback
 
@@ -56,6 +58,8 @@ class _RunAfterExec(importlib.abc.Loader):
         try:
             self._callback(module)
         except Exception as err:  # never break mergekit itself
+            import logging
+
             logging.getLogger("dam_mergekit").warning(
                 "dam-mergekit could not hook into %s: %s", module.__name__, err
             )
@@ -64,7 +68,7 @@ class _RunAfterExec(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class PostImportFinder(importlib.abc.MetaPathFinder):
+class PostImportFinder:
     """Finds nothing itself; wraps the loader of the watched modules that others find."""
 
     def __init__(self) -> None:

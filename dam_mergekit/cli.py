@@ -15,9 +15,7 @@ from importlib import import_module
 from dam_mergekit import __version__
 
 # Stage modules that contribute subcommands, in the order of the data path.
-COMMAND_MODULES = (
-    "dam_mergekit.masks.cli",
-)
+COMMAND_MODULES = ("dam_mergekit.masks.cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +54,9 @@ def mergekit_dam_yaml(argv: Sequence[str] | None = None) -> None:
     from mergekit.scripts import run_yaml
 
     try:
-        run_yaml.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="mergekit-dam-yaml")
+        run_yaml.main(
+            args=list(sys.argv[1:] if argv is None else argv), prog_name="mergekit-dam-yaml"
+        )
     except DamError as err:
         print(f"mergekit-dam-yaml: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -39,7 +39,7 @@ def merge_tensor(
     if n == 0:
         return base
     deltas = torch.stack([e - base for e in experts])
-    keep = _keep_masks(m1, m2, n)
+    keep = _keep_masks(m1, m2, n, base.dim())
     if keep is not None:
         deltas = deltas * keep
     scale = _per_model(weights, n, deltas)
@@ -54,7 +54,7 @@ def merge_tensor(
 
 
 def _keep_masks(
-    m1: torch.Tensor | None, m2: Sequence[torch.Tensor | None] | None, n: int
+    m1: torch.Tensor | None, m2: Sequence[torch.Tensor | None] | None, n: int, dim: int
 ) -> torch.Tensor | None:
     """Combine M1 and the per-model M2 into one ``[n, ...]`` factor (None when nothing is masked)."""
     if m2 is not None and len(m2) != n:
@@ -71,6 +71,7 @@ def _keep_masks(
     ref = next(r for r in rows if r is not None)
     rows = [r if r is not None else torch.ones_like(ref) for r in rows]
     shape = torch.broadcast_shapes(*(r.shape for r in rows))
+    shape = (1,) * (dim - len(shape)) + tuple(shape)  # align trailing dims, as broadcasting does
     return torch.stack([r.expand(shape) for r in rows])
 
 

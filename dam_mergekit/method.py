@@ -49,16 +49,41 @@ class DamMerge(GroupMergeMethod):
             pretty_name="DAM (Defense-Aware Merging)",
             reference_url=PAPER_URL,
             parameters=(
-                ParameterSpec("masks", str | None, shared, default=None,
-                              description="mask file (safetensors) with M1, M2 and coefficients"),
-                ParameterSpec("calibration", str | None, shared, default=None,
-                              description="calibration file used to learn the masks"),
-                ParameterSpec("lambda", float, shared, default=1.0,
-                              description="scale of the merged task vector"),
-                ParameterSpec("allow_pickle", bool, shared, default=False,
-                              description="accept pickle checkpoints when fingerprinting"),
-                ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0,
-                              description="per-model weight of its task vector"),
+                ParameterSpec(
+                    "masks",
+                    str | None,
+                    shared,
+                    default=None,
+                    description="mask file (safetensors) with M1, M2 and coefficients",
+                ),
+                ParameterSpec(
+                    "calibration",
+                    str | None,
+                    shared,
+                    default=None,
+                    description="calibration file used to learn the masks",
+                ),
+                ParameterSpec(
+                    "lambda",
+                    float,
+                    shared,
+                    default=1.0,
+                    description="scale of the merged task vector",
+                ),
+                ParameterSpec(
+                    "allow_pickle",
+                    bool,
+                    shared,
+                    default=False,
+                    description="accept pickle checkpoints when fingerprinting",
+                ),
+                ParameterSpec(
+                    "weight",
+                    float,
+                    ParameterScope.NON_BASE,
+                    default=1.0,
+                    description="per-model weight of its task vector",
+                ),
             ),
             contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
         )
@@ -67,8 +92,9 @@ class DamMerge(GroupMergeMethod):
         base = group.base.tensor
         entries = group.non_base
         path = mask_path_for(parameters["masks"], parameters["calibration"])
-        mask_file = masks_for(path, group.base.id, [e.id for e in entries],
-                              allow_pickle=parameters["allow_pickle"])
+        mask_file = masks_for(
+            path, group.base.id, [e.id for e in entries], allow_pickle=parameters["allow_pickle"]
+        )
         name = group.metadata.name
         index = [mask_file.expert_position(e.id) for e in entries]
         like = {"device": base.device, "dtype": base.dtype}
@@ -76,8 +102,15 @@ class DamMerge(GroupMergeMethod):
         m2 = [_to(mask_file.m2(name, i), like) for i in index]
         coefficients = mask_file.coefficients(name)[index]
         weights = [parameters["weight"][e.id] for e in entries]
-        return merge_tensor(base, [e.tensor for e in entries], weights, lam=parameters["lambda"],
-                            m1=m1, m2=m2, coefficients=coefficients)
+        return merge_tensor(
+            base,
+            [e.tensor for e in entries],
+            weights,
+            lam=parameters["lambda"],
+            m1=m1,
+            m2=m2,
+            coefficients=coefficients,
+        )
 
 
 def _to(mask: torch.Tensor | None, like: dict[str, Any]) -> torch.Tensor | None:

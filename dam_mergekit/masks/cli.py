@@ -19,8 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     init = msub.add_parser("init", help="a mask file that keeps everything (1) or nothing (0)")
     init.add_argument("recipe", help="a dam recipe (mergekit YAML)")
     init.add_argument("--out", required=True, help="mask file to write (.safetensors)")
-    init.add_argument("--value", type=int, choices=(0, 1), default=1,
-                      help="1 keeps every task-vector entry (task arithmetic), 0 keeps none (base)")
+    init.add_argument(
+        "--value",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1 keeps every task-vector entry (task arithmetic), 0 keeps none (base)",
+    )
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.set_defaults(func=cmd_init)
 
@@ -62,9 +67,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     masks = MaskSet()
     if args.value == 0:
         masks.m1 = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
-    write_mask_file(out, masks, base=record(plan.base), experts=[record(e) for e in plan.experts],
-                    tensor_shapes=shapes,
-                    settings={"source": "masks init", "value": args.value, "recipe": args.recipe})
+    write_mask_file(
+        out,
+        masks,
+        base=record(plan.base),
+        experts=[record(e) for e in plan.experts],
+        tensor_shapes=shapes,
+        settings={"source": "masks init", "value": args.value, "recipe": args.recipe},
+    )
     print(f"wrote {out}: {len(shapes)} tensors, {len(plan.experts)} experts, keep={args.value}")
     return 0
 
@@ -86,7 +96,7 @@ def summarize(path: str) -> dict:
         rows.append({"tensor": name, "numel": numel, "m1_kept": m1, "kept": per, "coef": coef})
         total += numel
         kept_m1 += m1 * numel
-        kept_model = [k + p * numel for k, p in zip(kept_model, per)]
+        kept_model = [k + p * numel for k, p in zip(kept_model, per, strict=True)]
     total = max(total, 1)
     return {
         "path": str(path),
@@ -108,10 +118,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"mask file {info['path']}")
     print(f"  base    {info['base']['model']}  {info['base']['fingerprint'][:23]}")
     for i, e in enumerate(info["experts"]):
-        print(f"  expert {i} {e['model']}  {e['fingerprint'][:23]}  "
-              f"kept {100 * info['kept_per_model'][i]:.1f}% (M1*M2)")
-    print(f"  M1 keeps {100 * info['m1_kept']:.1f}% of task-vector entries"
-          f"{'; M2 shared by all experts' if info['m2_shared'] else ''}")
+        print(
+            f"  expert {i} {e['model']}  {e['fingerprint'][:23]}  "
+            f"kept {100 * info['kept_per_model'][i]:.1f}% (M1*M2)"
+        )
+    print(
+        f"  M1 keeps {100 * info['m1_kept']:.1f}% of task-vector entries"
+        f"{'; M2 shared by all experts' if info['m2_shared'] else ''}"
+    )
     print(f"  settings {json.dumps(info['settings'], sort_keys=True)}")
     width = max([len(r["tensor"]) for r in info["tensors"]] + [6])
     head = "  ".join(f"M1*M2[{i}]" for i in range(len(info["experts"])))
@@ -119,7 +133,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for r in info["tensors"]:
         per = "  ".join(f"{100 * k:>8.1f}%" for k in r["kept"])
         coef = ",".join(f"{c:.3g}" for c in r["coef"])
-        print(f"{r['tensor']:<{width}}  {r['numel']:>10}  {100 * r['m1_kept']:>5.1f}%  {per}  {coef}")
+        print(
+            f"{r['tensor']:<{width}}  {r['numel']:>10}  {100 * r['m1_kept']:>5.1f}%  {per}  {coef}"
+        )
     return 0
 
 
@@ -129,9 +145,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     plan, allow_pickle = _plan(args.recipe)
     used = {t.parameters.get("masks") for t in plan.float_tensors}
     if not any(u and Path(u).resolve() == Path(args.file).resolve() for u in used):
-        raise DamError(f"{args.recipe}: does not use {args.file} (its masks: {sorted(map(str, used))})")
+        raise DamError(
+            f"{args.recipe}: does not use {args.file} (its masks: {sorted(map(str, used))})"
+        )
     reports = validate_plan(plan, allow_pickle=allow_pickle)
     for report in reports:
-        print(f"ok {report.path}: {len(report.tensors)} tensors, {len(report.experts)} experts "
-              "match the recipe's models")
+        print(
+            f"ok {report.path}: {len(report.tensors)} tensors, {len(report.experts)} experts "
+            "match the recipe's models"
+        )
     return 0

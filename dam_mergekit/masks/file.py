@@ -93,7 +93,7 @@ def write_mask_file(
         entry: dict[str, Any] = {"shape": shape}
         entry["m1"] = _store(tensors, f"m1/{name}", masks.m1.get(name), shape, soft_dtype, path)
         m2 = masks.m2.get(name)
-        if isinstance(m2, torch.Tensor):
+        if shared:
             entry["m2"] = [_store(tensors, f"m2/{SHARED}/{name}", m2, shape, soft_dtype, path)]
         else:
             if m2 is not None and len(m2) != n:
@@ -163,7 +163,7 @@ def _store(
 
 def _check_broadcast(mask_shape: list[int], shape: list[int], what: str) -> None:
     ok = len(mask_shape) <= len(shape) and all(
-        m in (1, s) for m, s in zip(reversed(mask_shape), reversed(shape))
+        m in (1, s) for m, s in zip(reversed(mask_shape), reversed(shape), strict=False)
     )
     if not ok:
         raise DamError(
@@ -289,7 +289,9 @@ class MaskFile:
                 expected.add(f"coef/{name}")
         stray = sorted(self._keys - expected)
         if stray:
-            raise DamError(f"{self.path}: stored tensor {stray[0]!r} is not described in the header")
+            raise DamError(
+                f"{self.path}: stored tensor {stray[0]!r} is not described in the header"
+            )
 
     def kept_fraction(self, name: str, expert: int | None = None) -> float:
         """Share of the tensor's values kept by M1 (or by M1*M2_expert), soft masks counted."""

@@ -43,8 +43,9 @@ def model_location(ref: Hashable) -> str:
     return str(ref)
 
 
-def bind(mask_file: MaskFile, base: Hashable, experts: Sequence[Hashable], *,
-         allow_pickle: bool = False) -> BoundMaskFile:
+def bind(
+    mask_file: MaskFile, base: Hashable, experts: Sequence[Hashable], *, allow_pickle: bool = False
+) -> BoundMaskFile:
     """Check that ``mask_file`` was made for exactly these models and map each expert to its slot."""
     where = mask_file.path
     base_fp = fingerprint_model(model_location(base), allow_pickle=allow_pickle)
@@ -71,8 +72,13 @@ def bind(mask_file: MaskFile, base: Hashable, experts: Sequence[Hashable], *,
     return BoundMaskFile(mask_file, positions)
 
 
-def masks_for(path: str | os.PathLike, base: Hashable, experts: Sequence[Hashable], *,
-              allow_pickle: bool = False) -> BoundMaskFile:
+def masks_for(
+    path: str | os.PathLike,
+    base: Hashable,
+    experts: Sequence[Hashable],
+    *,
+    allow_pickle: bool = False,
+) -> BoundMaskFile:
     """The bound mask file for a merge, opened and checked on first use, then cached."""
     resolved = Path(path).resolve()
     try:

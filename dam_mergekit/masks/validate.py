@@ -18,7 +18,9 @@ class MaskFileReport:
     experts: list[str] = field(default_factory=list)
 
 
-def validate_plan(plan, *, allow_pickle: bool = False, scan_values: bool = True) -> list[MaskFileReport]:
+def validate_plan(
+    plan, *, allow_pickle: bool = False, scan_values: bool = True
+) -> list[MaskFileReport]:
     """Every mask file a planned recipe uses: right models, right names and shapes, sane values.
 
     Raises :class:`DamError` with a one-line message at the first problem.

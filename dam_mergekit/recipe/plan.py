@@ -60,7 +60,8 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
         arch_info = get_architecture_info(config, options)
         LoaderCache().setup(options=options)
         out_cfg = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
-        targets = MergePlanner(config, arch_info, options, out_cfg).plan_in_memory()
+        # plan_to_disk only builds task objects: nothing is written to the (unused) path
+        tasks = MergePlanner(config, arch_info, options, out_cfg).plan_to_disk("unused-by-dam")
     except DamError:
         raise
     except (OSError, RuntimeError, ValueError) as err:
@@ -70,9 +71,11 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
     experts = [m for m in config.referenced_models() if m != base]
     header_shapes = _base_shapes(base, allow_pickle=allow_pickle)
     tensors = []
-    for target in targets:
-        task = target.tensor_task
-        weight = target.weight_info
+    for target in tasks:
+        task = getattr(target, "tensor_task", None)
+        if task is None or not hasattr(task, "output_weight"):
+            continue  # finalize / tokenizer tasks
+        weight = task.output_weight
         name = weight.name
         info = header_shapes.get(name)
         if info is None:

@@ -89,10 +89,15 @@ def _remove_new_output(out: Path, existed: bool, before: set[str]) -> None:
     LOG.warning("merge failed: removed the files it had written to %s", out)
 
 
-def _original_run_merge():
-    import mergekit.merge
+def _mergekit_merge():
+    """``mergekit.merge``, also while it is still being imported (the start-up hook runs then)."""
+    from importlib import import_module
 
-    current = mergekit.merge.run_merge
+    return import_module("mergekit.merge")
+
+
+def _original_run_merge():
+    current = _mergekit_merge().run_merge
     return getattr(current, _GUARD_MARK, current)
 
 
@@ -100,11 +105,10 @@ def install_guard() -> None:
     """Register the methods and route mergekit's ``run_merge`` through :func:`run_merge`."""
     import sys
 
-    import mergekit.merge
-
     from dam_mergekit.method import register_methods
 
     register_methods()
+    merge_module = _mergekit_merge()
     original = _original_run_merge()
 
     @functools.wraps(original)
@@ -112,7 +116,7 @@ def install_guard() -> None:
         return run_merge(merge_config, out_path, options, config_source)
 
     setattr(guarded, _GUARD_MARK, original)
-    mergekit.merge.run_merge = guarded
+    merge_module.run_merge = guarded
     script = sys.modules.get("mergekit.scripts.run_yaml")
     if script is not None:
         script.run_merge = guarded
