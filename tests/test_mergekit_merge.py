@@ -137,3 +137,18 @@ def test_alias_and_filters_work(llama_models, tmp_path):
     merged = merge_in_process(dam, tmp_path / "out")
     base = load_file(llama_models["base"] / "model.safetensors")
     assert all(torch.equal(merged[n], t) == ("mlp" in n) for n, t in base.items())
+
+
+def test_gradient_lists_resolve_per_layer(llama_models, tmp_path):
+    """`lambda: [0, 1]` interpolates over layers as in mergekit: layer 0 stays at the base."""
+    masks = tmp_path / "m.safetensors"
+    dam = write_recipe(
+        tmp_path / "dam.yml", llama_models, parameters={"masks": str(masks), "lambda": [0.0, 1.0]}
+    )
+    init_masks(dam, masks)
+    merged = merge_in_process(dam, tmp_path / "out")
+    base = load_file(llama_models["base"] / "model.safetensors")
+    layer0 = [n for n in base if ".layers.0." in n]
+    layer1 = [n for n in base if ".layers.1." in n]
+    assert layer0 and all(torch.equal(merged[n], base[n]) for n in layer0)
+    assert layer1 and not any(torch.equal(merged[n], base[n]) for n in layer1)
