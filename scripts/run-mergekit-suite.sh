@@ -60,8 +60,8 @@ mkdir -p "$cache"
 if ! [ -f "$sdist" ]; then
     # pip checks the file against the registry's hash; keep only complete downloads.
     partial="$(mktemp -d "$cache/download.XXXXXX")"
-    if ! "$py" -m pip download -q --no-deps --no-binary :all: -d "$partial" \
-        "mergekit==$version" >&2; then
+    if ! "$py" -m pip download -q --retries 2 --timeout 20 --no-deps --no-binary :all: \
+        -d "$partial" "mergekit==$version" >&2; then
         rm -rf "$partial"
         echo "run-mergekit-suite: cannot download the mergekit $version sdist (no registry?)" >&2
         exit 75
