@@ -89,6 +89,13 @@ def test_image_features_equal_after_conversion_and_round_trip(configs, tmp_path,
 
     back = tmp_path / "visual.safetensors"
     assert main(["convert", "hf-to-openclip", str(out), str(back)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(back), "pt") as fh:
+        stored_cfg = json.loads(fh.metadata()["open_clip_model_cfg"])
+    source_cfg = json.loads(configs[name].read_text())
+    assert stored_cfg["quick_gelu"] == source_cfg["quick_gelu"]
+    assert spec_from_openclip_config(stored_cfg) == spec_from_openclip_config(source_cfg)
     fresh = make_model(name, seed=99)
     from safetensors.torch import load_file
 
