@@ -235,3 +235,14 @@ def test_converted_models_merge_with_mergekit_and_reload(configs, tmp_path):
     torch.testing.assert_close(hf_image_embeds(out, x), reference, atol=1e-4, rtol=0)
     back = convert_hf_to_openclip(out, tmp_path / "merged.safetensors")
     assert len(load_file(str(back))) == len(models["base"].visual.state_dict())
+
+
+def test_hf_to_openclip_needs_the_projection(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=16, patch_size=8)
+                    ).save_pretrained(tmp_path / "noproj")
+    with pytest.raises(DamError, match="visual_projection.weight"):
+        convert_hf_to_openclip(tmp_path / "noproj", tmp_path / "v.safetensors")
+    assert not (tmp_path / "v.safetensors").exists()
