@@ -29,10 +29,10 @@ KEPT_PARAMETERS = ("weight", "lambda")
 DEFAULT_NORMALIZE = {"task_arithmetic": False, "ties": True, "dare_ties": False}
 METHOD_NOTES = {
     "ties": "ties: TIES's magnitude trimming (density) and sign election have no dam "
-            "counterpart; the masks learned by calibration decide which task-vector entries stay",
+    "counterpart; the masks learned by calibration decide which task-vector entries stay",
     "dare_ties": "dare_ties: DARE's random drop with rescaling (density, rescale) and TIES's sign "
-                 "election have no dam counterpart; the masks learned by calibration decide which "
-                 "task-vector entries stay",
+    "election have no dam counterpart; the masks learned by calibration decide which "
+    "task-vector entries stay",
 }
 WHY = {
     "density": "dam learns which entries to keep (its masks) instead of keeping a fixed fraction",
@@ -40,11 +40,24 @@ WHY = {
     "int8_mask": "a memory option of the sign election, which dam does not do",
     "normalize": "dam does not divide by the sum of the weights",
 }
-TOP_LEVEL_KEPT = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                  "chat_template")
+TOP_LEVEL_KEPT = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "chat_template",
+)
 CALIBRATION_KEYS = ("adapter", "data", "steps", "alpha", "eps", "granularity")
-FALLBACK_DEFAULTS = {"adapter": "clip", "data": "", "steps": 200, "alpha": 1.0, "eps": 2.0,
-                     "granularity": "element"}
+FALLBACK_DEFAULTS = {
+    "adapter": "clip",
+    "data": "",
+    "steps": 200,
+    "alpha": 1.0,
+    "eps": 2.0,
+    "granularity": "element",
+}
 
 
 @dataclass
@@ -71,15 +84,21 @@ def secure_recipe(raw: dict[str, Any], calibration: str, *, source: str = "recip
         raise DamError(f"{source}: a mergekit recipe is a YAML mapping")
     method = raw.get("merge_method")
     if method not in SOURCE_METHODS:
-        raise DamError(f"{source}: merge_method is {method!r}; secure converts "
-                       f"{', '.join(SOURCE_METHODS)} recipes only (dam is masked task arithmetic)")
+        raise DamError(
+            f"{source}: merge_method is {method!r}; secure converts "
+            f"{', '.join(SOURCE_METHODS)} recipes only (dam is masked task arithmetic)"
+        )
     for key in ("slices", "modules"):
         if raw.get(key):
-            raise DamError(f"{source}: recipes with `{key}` are not supported by secure; "
-                           "rewrite it with a `models:` list (dam merges whole models)")
+            raise DamError(
+                f"{source}: recipes with `{key}` are not supported by secure; "
+                "rewrite it with a `models:` list (dam merges whole models)"
+            )
     if not raw.get("base_model"):
-        raise DamError(f"{source}: no base_model; dam (like task arithmetic) takes task vectors "
-                       "against a base model, so add `base_model:`")
+        raise DamError(
+            f"{source}: no base_model; dam (like task arithmetic) takes task vectors "
+            "against a base model, so add `base_model:`"
+        )
     load_recipe(raw)  # one clear line for anything else mergekit would reject
 
     notes: list[str] = []
@@ -97,8 +116,9 @@ def secure_recipe(raw: dict[str, Any], calibration: str, *, source: str = "recip
             entry["parameters"] = kept
         models.append(entry)
     out["models"] = models
-    global_params = _keep_parameters(dict(raw.get("parameters") or {}), "parameters", method,
-                                     notes, global_scope=True)
+    global_params = _keep_parameters(
+        dict(raw.get("parameters") or {}), "parameters", method, notes, global_scope=True
+    )
     given = raw.get("parameters") or {}
     normalize = given.get("normalize", DEFAULT_NORMALIZE[method])
     if normalize is not False:
@@ -110,18 +130,22 @@ def secure_recipe(raw: dict[str, Any], calibration: str, *, source: str = "recip
             out[key] = raw[key]
     for key in ("tokenizer_source", "tokenizer"):
         if raw.get(key) is not None:
-            notes.append(f"{key} dropped: it permutes embedding rows before the kernel and would "
-                         "misalign dam's masks; align tokenizers before calibration")
-    for key in sorted(set(raw) - set(TOP_LEVEL_KEPT) - {"tokenizer_source", "tokenizer",
-                                                         "slices", "modules"}):
+            notes.append(
+                f"{key} dropped: it permutes embedding rows before the kernel and would "
+                "misalign dam's masks; align tokenizers before calibration"
+            )
+    for key in sorted(
+        set(raw) - set(TOP_LEVEL_KEPT) - {"tokenizer_source", "tokenizer", "slices", "modules"}
+    ):
         notes.append(f"{key} dropped: not a setting secure knows how to carry into a dam recipe")
     load_recipe(out)
     experts = [str(m.get("model")) for m in models if str(m.get("model")) != base]
     return Secured(out, calibration_skeleton(source, experts, _guess_adapter(base)), notes)
 
 
-def _keep_parameters(params: dict[str, Any], where: str, method: str, notes: list[str], *,
-                     global_scope: bool = False) -> dict[str, Any]:
+def _keep_parameters(
+    params: dict[str, Any], where: str, method: str, notes: list[str], *, global_scope: bool = False
+) -> dict[str, Any]:
     kept = {}
     for name, value in params.items():
         if name in KEPT_PARAMETERS:
@@ -141,8 +165,12 @@ def _keep_parameters(params: dict[str, Any], where: str, method: str, notes: lis
 
 def _normalize_note(value: Any, how: str, raw: dict[str, Any], base: str) -> str:
     total = _weight_sum(raw, base)
-    hint = (f"; to keep about the same size divide `weight` (or `lambda`) by {total:g}, the sum "
-            "of the weights" if total else "; scale `weight` or `lambda` to keep the size")
+    hint = (
+        f"; to keep about the same size divide `weight` (or `lambda`) by {total:g}, the sum "
+        "of the weights"
+        if total
+        else "; scale `weight` or `lambda` to keep the size"
+    )
     return f"parameters: normalize {_show(value)} ({how}) dropped: {WHY['normalize']}{hint}"
 
 
@@ -194,9 +222,11 @@ def _calibration_defaults() -> dict[str, Any]:
 def calibration_skeleton(source: str, experts: list[str], adapter: str | None) -> str:
     """A commented calibration file for the secured recipe; ``data`` is left for the user."""
     d = _calibration_defaults()
-    adapter_line = (f"adapter: {adapter}" if adapter else
-                    f"adapter: {d['adapter']}  # TODO: check; the base model's config.json did not "
-                    "tell")
+    adapter_line = (
+        f"adapter: {adapter}"
+        if adapter
+        else f"adapter: {d['adapter']}  # TODO: check; the base model's config.json did not tell"
+    )
     expert_lines = "\n".join(f"#   - {e}" for e in experts) or "#   (none listed)"
     lines = [
         f"# DAM calibration settings for the recipe secured from {source} (dam-mergekit secure).",
@@ -233,8 +263,7 @@ def recipe_text(secured: Secured, source: str) -> str:
     return "\n".join(header) + "\n" + yaml.safe_dump(secured.recipe, sort_keys=False)
 
 
-def secure_file(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = False
-                ) -> Secured:
+def secure_file(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Secured:
     """Write ``out`` (the dam recipe) and ``out``'s calibration skeleton, both or neither."""
     src, out = Path(src), Path(out)
     calib = calibration_path_for(out)
@@ -269,12 +298,15 @@ def secure_file(src: str | os.PathLike, out: str | os.PathLike, *, force: bool =
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "secure", help="turn a task_arithmetic/ties/dare_ties recipe into a dam recipe plus a "
-                       "calibration file skeleton",
+        "secure",
+        help="turn a task_arithmetic/ties/dare_ties recipe into a dam recipe plus a "
+        "calibration file skeleton",
     )
     parser.add_argument("recipe", help="mergekit recipe (task_arithmetic, ties or dare_ties)")
-    parser.add_argument("out", help="dam recipe to write; the calibration skeleton goes to "
-                                    "OUT.calibration.yml beside it")
+    parser.add_argument(
+        "out",
+        help="dam recipe to write; the calibration skeleton goes to OUT.calibration.yml beside it",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.set_defaults(func=cmd_secure)
 
@@ -283,6 +315,8 @@ def cmd_secure(args: argparse.Namespace) -> int:
     secured = secure_file(args.recipe, args.out, force=args.force)
     for note in secured.notes:
         print(f"secure: {note}", file=sys.stderr)
-    print(f"wrote {args.out} and {calibration_path_for(args.out)} (fill in `data`, then run "
-          f"mergekit-dam-yaml {args.out} OUT_DIR)")
+    print(
+        f"wrote {args.out} and {calibration_path_for(args.out)} (fill in `data`, then run "
+        f"mergekit-dam-yaml {args.out} OUT_DIR)"
+    )
     return 0

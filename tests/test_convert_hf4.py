@@ -14,8 +14,15 @@ from dam_mergekit.convert.hf4 import convert_hf4_vision
 from dam_mergekit.errors import DamError
 from dam_mergekit.recipe.checks import check_plan_covers_base
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              image_size=16, patch_size=8, projection_dim=24)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=16,
+    patch_size=8,
+    projection_dim=24,
+)
 
 
 def save_hf4(cls_name: str, out: Path, seed: int) -> Path:
@@ -26,8 +33,10 @@ def save_hf4(cls_name: str, out: Path, seed: int) -> Path:
     model = getattr(transformers, cls_name)(transformers.CLIPVisionConfig(**VISION))
     model.save_pretrained(out)
     state = load_file(str(out / "model.safetensors"))
-    old = {k if k.startswith(("vision_model.", "visual_projection")) else f"vision_model.{k}": v
-           for k, v in state.items()}
+    old = {
+        k if k.startswith(("vision_model.", "visual_projection")) else f"vision_model.{k}": v
+        for k, v in state.items()
+    }
     old["vision_model.embeddings.position_ids"] = torch.arange(5).unsqueeze(0)
     save_file(old, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
@@ -38,35 +47,32 @@ def save_hf4(cls_name: str, out: Path, seed: int) -> Path:
 
 
 def planned_names(config) -> list[str]:
-    """The output tensors mergekit plans for a recipe (its planner, not our renaming)."""
-    from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
-    from mergekit.options import MergeOptions
-    from mergekit.plan import MergePlanner
+    """The output tensors mergekit plans for a recipe (its own planner, via plan_recipe)."""
+    from dam_mergekit.recipe.plan import plan_recipe
 
-    options = MergeOptions()
-    arch = get_architecture_info(config, options)
-    LoaderCache().setup(options=options)
-    planner = MergePlanner(config, arch, options, _model_out_config(config, arch))
-    planner._plan()  # plan_in_memory() trips over pydantic 2.14 in ReturnTensor; _plan is enough
-    return [weight.name for weight, _ in planner._tensors]
+    return [t.name for t in plan_recipe(config).tensors]
 
 
 def recipe(dirs: dict[str, Path]):
     from mergekit.config import MergeConfiguration
 
-    return MergeConfiguration.model_validate({
-        "merge_method": "task_arithmetic", "base_model": str(dirs["base"]), "dtype": "float32",
-        "models": [{"model": str(dirs[t]), "parameters": {"weight": 0.5}} for t in ("a", "b")],
-    })
+    return MergeConfiguration.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(dirs["base"]),
+            "dtype": "float32",
+            "models": [{"model": str(dirs[t]), "parameters": {"weight": 0.5}} for t in ("a", "b")],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def hf4_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf4")
-    return {tag: save_hf4("CLIPVisionModel", root / tag, seed)
-            for tag, seed in (("base", 0), ("a", 1), ("b", 2))}
+    return {
+        tag: save_hf4("CLIPVisionModel", root / tag, seed)
+        for tag, seed in (("base", 0), ("a", 1), ("b", 2))
+    }
 
 
 @pytest.mark.slow
@@ -75,11 +81,12 @@ def test_hf4_merge_is_caught_then_converted_merge_is_complete(hf4_dirs, tmp_path
     from mergekit.options import MergeOptions
 
     # The pitfall itself: stock mergekit writes no weights from transformers-4 names.
-    run_merge(recipe(hf4_dirs), str(tmp_path / "empty"), MergeOptions(copy_tokenizer=False,
-                                                                      quiet=True))
+    run_merge(
+        recipe(hf4_dirs), str(tmp_path / "empty"), MergeOptions(copy_tokenizer=False, quiet=True)
+    )
     assert not list((tmp_path / "empty").glob("*.safetensors"))
-    with pytest.raises(DamError, match="hf4-vision"):
-        check_plan_covers_base(planned_names(recipe(hf4_dirs)), hf4_dirs["base"])
+    with pytest.raises(DamError, match="covers 0 of the base model's .* hf4-vision"):
+        planned_names(recipe(hf4_dirs))  # every dam plan (masks init, merge) is checked
 
     new = {tag: convert_hf4_vision(d, tmp_path / f"new-{tag}") for tag, d in hf4_dirs.items()}
     names = planned_names(recipe(new))
@@ -90,8 +97,11 @@ def test_hf4_merge_is_caught_then_converted_merge_is_complete(hf4_dirs, tmp_path
     sd = {tag: load_file(str(d / "model.safetensors")) for tag, d in new.items()}
     assert set(merged) == set(sd["base"]) == set(names)
     for key, value in merged.items():
-        expected = sd["base"][key] + 0.5 * (sd["a"][key] - sd["base"][key]) \
+        expected = (
+            sd["base"][key]
+            + 0.5 * (sd["a"][key] - sd["base"][key])
             + 0.5 * (sd["b"][key] - sd["base"][key])
+        )
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
 
 
@@ -133,8 +143,14 @@ def test_bad_inputs_write_nothing(tmp_path):
 def test_check_plan_covers_base_counts_weights_not_buffers(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
-    save_file({"a.weight": torch.zeros(2, 2), "b.bias": torch.zeros(2),
-               "embeddings.position_ids": torch.arange(3)}, str(base / "model.safetensors"))
+    save_file(
+        {
+            "a.weight": torch.zeros(2, 2),
+            "b.bias": torch.zeros(2),
+            "embeddings.position_ids": torch.arange(3),
+        },
+        str(base / "model.safetensors"),
+    )
     check_plan_covers_base(["a.weight", "b.bias"], base)  # int buffer exempt
     check_plan_covers_base(["a.weight", "b.bias", "unrelated"], base)
     with pytest.raises(DamError, match="covers 1 of the base model's 2 weight tensors"):
@@ -149,12 +165,21 @@ def test_vision_tower_extracted_from_a_full_clip_model(tmp_path, arch):
     import transformers
 
     torch.manual_seed(5)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                eos_token_id=1, pad_token_id=1)
+    text = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     vision = {k: v for k, v in VISION.items() if k != "projection_dim"}
-    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                                          projection_dim=24)).eval()
+    clip = transformers.CLIPModel(
+        transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+    ).eval()
     clip.save_pretrained(tmp_path / "clip")
     args = ["convert", "hf4-vision", str(tmp_path / "clip"), str(tmp_path / "vision")]
     assert main(args + (["--architecture", arch] if arch else [])) == 0
@@ -169,5 +194,6 @@ def test_vision_tower_extracted_from_a_full_clip_model(tmp_path, arch):
             expected = getattr(expected, "pooler_output", expected)
             torch.testing.assert_close(model(pixel_values=x).image_embeds, expected)
         else:
-            torch.testing.assert_close(model(pixel_values=x).pooler_output,
-                                       clip.vision_model(pixel_values=x).pooler_output)
+            torch.testing.assert_close(
+                model(pixel_values=x).pooler_output, clip.vision_model(pixel_values=x).pooler_output
+            )

@@ -84,14 +84,16 @@ def test_readme_ties_keeps_weights_drops_density_and_says_so():
     assert recipe["dtype"] == "float16"
     assert recipe["parameters"] == {"calibration": "dam.calibration.yml"}
     assert [m["parameters"] for m in recipe["models"]] == [
-        {"weight": m["parameters"]["weight"]} for m in src["models"]]
+        {"weight": m["parameters"]["weight"]} for m in src["models"]
+    ]
     config = load_recipe(recipe)
     assert config.merge_method == "dam"
     dropped = [n for n in out.notes if "density" in n and "dropped" in n]
     assert len(dropped) == 3 and "models[0] (psmathur/orca_mini_v3_13b)" in dropped[0]
     assert any("int8_mask true dropped" in n for n in out.notes)
-    assert any(n.startswith("parameters: normalize true (set in the recipe) dropped")
-               for n in out.notes)
+    assert any(
+        n.startswith("parameters: normalize true (set in the recipe) dropped") for n in out.notes
+    )
     assert any(n.startswith("ties:") and "sign election" in n for n in out.notes)
     assert all("\n" not in n for n in out.notes)
 
@@ -111,7 +113,10 @@ def test_dare_ties_global_parameters():
     assert out.recipe["parameters"] == {"calibration": "dam.calibration.yml", "weight": 0.4}
     assert out.recipe["models"] == [{"model": "expert_a"}, {"model": "expert_b"}]
     assert sorted(n.split(" ")[1] for n in out.notes if n.startswith("parameters:")) == [
-        "density", "int8_mask", "rescale"]
+        "density",
+        "int8_mask",
+        "rescale",
+    ]
     assert not any("normalize" in n for n in out.notes)  # dare_ties does not normalize
     assert any(n.startswith("dare_ties:") for n in out.notes)
     load_recipe(out.recipe)
@@ -131,15 +136,23 @@ models:
     normalize = [n for n in out.notes if "normalize" in n]
     assert len(normalize) == 1
     assert "the ties default" in normalize[0] and "by 1.5" in normalize[0]
-    assert any('density [{"filter": "mlp", "value": 0.7}, {"value": 1.0}] dropped' in n
-               for n in out.notes)
-    explicit_off = secure(text.replace("base_model: base", "base_model: base\nparameters: "
-                                                           "{normalize: false}"))
+    assert any(
+        'density [{"filter": "mlp", "value": 0.7}, {"value": 1.0}] dropped' in n for n in out.notes
+    )
+    explicit_off = secure(
+        text.replace("base_model: base", "base_model: base\nparameters: {normalize: false}")
+    )
     assert not any("normalize" in n for n in explicit_off.notes)
-    per_tensor = secure(text.replace("base_model: base", "base_model: base\nparameters:\n"
-                                     "  normalize: [{filter: mlp, value: false}, {value: true}]"))
+    per_tensor = secure(
+        text.replace(
+            "base_model: base",
+            "base_model: base\nparameters:\n"
+            "  normalize: [{filter: mlp, value: false}, {value: true}]",
+        )
+    )
     assert [n for n in per_tensor.notes if "normalize" in n][0].startswith(
-        'parameters: normalize [{"filter": "mlp", "value": false}, {"value": true}] (set in')
+        'parameters: normalize [{"filter": "mlp", "value": false}, {"value": true}] (set in'
+    )
 
 
 def test_tokenizer_source_is_dropped_because_dam_refuses_it():
@@ -148,19 +161,25 @@ def test_tokenizer_source_is_dropped_because_dam_refuses_it():
     assert any(n.startswith("tokenizer_source dropped") for n in out.notes)
 
 
-@pytest.mark.parametrize("text, match", [
-    (TASK_ARITHMETIC.replace("task_arithmetic", "slerp"), "merge_method is 'slerp'"),
-    (TASK_ARITHMETIC.replace("task_arithmetic", "linear"), "merge_method is 'linear'"),
-    (TASK_ARITHMETIC.replace("base_model: base\n", ""), "no base_model"),
-    ("""
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (TASK_ARITHMETIC.replace("task_arithmetic", "slerp"), "merge_method is 'slerp'"),
+        (TASK_ARITHMETIC.replace("task_arithmetic", "linear"), "merge_method is 'linear'"),
+        (TASK_ARITHMETIC.replace("base_model: base\n", ""), "no base_model"),
+        (
+            """
 merge_method: ties
 base_model: base
 slices:
   - sources:
       - {model: a, layer_range: [0, 2], parameters: {weight: 1.0}}
       - {model: base, layer_range: [0, 2]}
-""", "`slices` are not supported"),
-])
+""",
+            "`slices` are not supported",
+        ),
+    ],
+)
 def test_refusals(text, match):
     with pytest.raises(DamError, match=match):
         secure(text)
@@ -193,8 +212,10 @@ def test_cli_refusal_writes_nothing(tmp_path, capsys):
 
 
 def test_adapter_guessed_from_a_local_base(tmp_path):
-    for arch, adapter in (("CLIPVisionModelWithProjection", "clip"),
-                          ("LlamaForCausalLM", "causal_lm")):
+    for arch, adapter in (
+        ("CLIPVisionModelWithProjection", "clip"),
+        ("LlamaForCausalLM", "causal_lm"),
+    ):
         base = tmp_path / arch
         base.mkdir()
         (base / "config.json").write_text(json.dumps({"architectures": [arch]}))

@@ -47,11 +47,14 @@ def target_config(model_dir: Path, architecture: str | None = None):
         vision = config
         arch = architecture or next(iter(getattr(config, "architectures", None) or []), None)
     else:
-        raise DamError(f"{model_dir}: model_type {config.model_type!r}; hf4-vision converts CLIP "
-                       "vision models (clip_vision_model) and full CLIP models (clip) only")
+        raise DamError(
+            f"{model_dir}: model_type {config.model_type!r}; hf4-vision converts CLIP "
+            "vision models (clip_vision_model) and full CLIP models (clip) only"
+        )
     if arch not in SUPPORTED:
-        raise DamError(f"{model_dir}: architecture {arch!r}; expected one of "
-                       f"{', '.join(SUPPORTED)}")
+        raise DamError(
+            f"{model_dir}: architecture {arch!r}; expected one of {', '.join(SUPPORTED)}"
+        )
     vision.architectures = [arch]
     return arch, vision, config.model_type == "clip"
 
@@ -65,26 +68,33 @@ def expected_state_dict_shapes(arch: str, vision_config) -> dict[str, tuple[int,
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def rename_to_current(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
-                      where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def rename_to_current(
+    tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors under the expected names, and the names dropped (non-persistent buffers)."""
     renamed: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, value in tensors.items():
-        candidates = [key, key[len(OLD_PREFIX):] if key.startswith(OLD_PREFIX) else None,
-                      OLD_PREFIX + key]
+        candidates = [
+            key,
+            key[len(OLD_PREFIX) :] if key.startswith(OLD_PREFIX) else None,
+            OLD_PREFIX + key,
+        ]
         target = next((c for c in candidates if c is not None and c in expected), None)
         if target is None:
             if key.endswith("position_ids"):  # a buffer transformers rebuilds; not a weight
                 dropped.append(key)
                 continue
-            raise DamError(f"{where}: tensor {key!r} matches no tensor of the model that "
-                           "config.json describes")
+            raise DamError(
+                f"{where}: tensor {key!r} matches no tensor of the model that config.json describes"
+            )
         if target in renamed:
             raise DamError(f"{where}: two tensors map to {target!r}")
         if tuple(value.shape) != expected[target]:
-            raise DamError(f"{where}: {key} has shape {tuple(value.shape)}, config.json implies "
-                           f"{expected[target]}")
+            raise DamError(
+                f"{where}: {key} has shape {tuple(value.shape)}, config.json implies "
+                f"{expected[target]}"
+            )
         renamed[target] = value.contiguous()
     missing = sorted(set(expected) - set(renamed))
     if missing:
@@ -92,8 +102,14 @@ def rename_to_current(tensors: dict[str, torch.Tensor], expected: dict[str, tupl
     return renamed, dropped
 
 
-def convert_hf4_vision(in_dir: str | Path, out_dir: str | Path, *, architecture: str | None = None,
-                       allow_pickle: bool = False, force: bool = False) -> Path:
+def convert_hf4_vision(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    architecture: str | None = None,
+    allow_pickle: bool = False,
+    force: bool = False,
+) -> Path:
     """Copy a CLIP vision model directory with its tensors renamed for transformers 5.
 
     ``architecture`` (``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``) overrides the one
@@ -108,16 +124,29 @@ def convert_hf4_vision(in_dir: str | Path, out_dir: str | Path, *, architecture:
     expected = expected_state_dict_shapes(arch, vision_config)
     tensors = read_model_dir(in_dir, allow_pickle=allow_pickle)
     if full_clip:  # keep the vision tower (and its projection when the target has one)
-        tensors = {k: v for k, v in tensors.items() if k.startswith(OLD_PREFIX)
-                   or (k == "visual_projection.weight" and "visual_projection.weight" in expected)}
+        tensors = {
+            k: v
+            for k, v in tensors.items()
+            if k.startswith(OLD_PREFIX)
+            or (k == "visual_projection.weight" and "visual_projection.weight" in expected)
+        }
     renamed, dropped = rename_to_current(tensors, expected, str(in_dir))
     with atomic_output(out_dir, force=force) as tmp:
         for path in in_dir.iterdir():
-            if path.is_file() and path.suffix not in (".safetensors", *PICKLE_SUFFIXES) \
-                    and path.name not in WEIGHT_INDEXES and path.name != "config.json":
+            if (
+                path.is_file()
+                and path.suffix not in (".safetensors", *PICKLE_SUFFIXES)
+                and path.name not in WEIGHT_INDEXES
+                and path.name != "config.json"
+            ):
                 shutil.copy2(path, tmp / path.name)
         vision_config.save_pretrained(tmp)
         save_file(renamed, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    LOG.info("%s: %d tensors written for %s, %d buffer(s) dropped", out_dir, len(renamed), arch,
-             len(dropped))
+    LOG.info(
+        "%s: %d tensors written for %s, %d buffer(s) dropped",
+        out_dir,
+        len(renamed),
+        arch,
+        len(dropped),
+    )
     return out_dir

@@ -37,15 +37,46 @@ DEFAULT_EPS = 1e-5
 
 # vision_cfg keys open_clip knows; the unsupported ones among them are refused one by one below
 _KNOWN_VISION_KEYS = {
-    "layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout",
-    "output_tokens", "final_ln_after_pool", "attn_pooler_queries", "attn_pooler_heads",
-    "pos_embed_type", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
-    "timm_drop", "timm_drop_path", "act_kwargs", "norm_kwargs", "timm_model_name",
-    "attentional_pool", "no_ln_pre", "pool_type", "ls_init_value", "block_type", "qk_norm",
-    "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
+    "layers",
+    "width",
+    "head_width",
+    "mlp_ratio",
+    "patch_size",
+    "image_size",
+    "patch_dropout",
+    "output_tokens",
+    "final_ln_after_pool",
+    "attn_pooler_queries",
+    "attn_pooler_heads",
+    "pos_embed_type",
+    "timm_model_pretrained",
+    "timm_pool",
+    "timm_proj",
+    "timm_proj_bias",
+    "timm_drop",
+    "timm_drop_path",
+    "act_kwargs",
+    "norm_kwargs",
+    "timm_model_name",
+    "attentional_pool",
+    "no_ln_pre",
+    "pool_type",
+    "ls_init_value",
+    "block_type",
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
 }
 _CUSTOM_BLOCK_FLAGS = (
-    "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
 )
 _ACTIVATIONS = {  # (quick_gelu, GELU approximate) -> transformers hidden_act
     (True, "none"): "quick_gelu",
@@ -283,25 +314,39 @@ def openclip_shapes(spec: VisionSpec) -> dict[str, tuple[int, ...]]:
         "conv1.weight": (w, 3, spec.patch_size, spec.patch_size),
         "class_embedding": (w,),
         "positional_embedding": (spec.num_positions, w),
-        "ln_pre.weight": (w,), "ln_pre.bias": (w,),
-        "ln_post.weight": (w,), "ln_post.bias": (w,),
+        "ln_pre.weight": (w,),
+        "ln_pre.bias": (w,),
+        "ln_post.weight": (w,),
+        "ln_post.bias": (w,),
         "proj": (w, spec.embed_dim),
     }
     for i in range(spec.layers):
         p = f"transformer.resblocks.{i}."
-        shapes.update({
-            p + "ln_1.weight": (w,), p + "ln_1.bias": (w,),
-            p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
-            p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
-            p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
-            p + "mlp.c_fc.weight": (m, w), p + "mlp.c_fc.bias": (m,),
-            p + "mlp.c_proj.weight": (w, m), p + "mlp.c_proj.bias": (w,),
-        })
+        shapes.update(
+            {
+                p + "ln_1.weight": (w,),
+                p + "ln_1.bias": (w,),
+                p + "ln_2.weight": (w,),
+                p + "ln_2.bias": (w,),
+                p + "attn.in_proj_weight": (3 * w, w),
+                p + "attn.in_proj_bias": (3 * w,),
+                p + "attn.out_proj.weight": (w, w),
+                p + "attn.out_proj.bias": (w,),
+                p + "mlp.c_fc.weight": (m, w),
+                p + "mlp.c_fc.bias": (m,),
+                p + "mlp.c_proj.weight": (w, m),
+                p + "mlp.c_proj.bias": (w,),
+            }
+        )
     return shapes
 
 
-def _check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]],
-                  where: str, prefix: str) -> None:
+def _check_shapes(
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    where: str,
+    prefix: str,
+) -> None:
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise DamError(
@@ -328,8 +373,10 @@ def _unwrap(obj: Any, where: str) -> Mapping[str, Any]:
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
-        inner = next((obj[k] for k in ("state_dict", "model", "module")
-                      if isinstance(obj.get(k), Mapping)), None)
+        inner = next(
+            (obj[k] for k in ("state_dict", "model", "module") if isinstance(obj.get(k), Mapping)),
+            None,
+        )
         if inner is None:
             break
         obj = inner
@@ -341,9 +388,13 @@ def _unwrap(obj: Any, where: str) -> Mapping[str, Any]:
 def visual_state_dict(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The visual tower's tensors without their prefix (``visual.``, ``model.visual.``, none)."""
     state = _unwrap(obj, where)
-    prefixes = {k[: -len("class_embedding")] for k in state
-                if isinstance(k, str) and k.endswith("class_embedding")
-                and f"{k[: -len('class_embedding')]}conv1.weight" in state}
+    prefixes = {
+        k[: -len("class_embedding")]
+        for k in state
+        if isinstance(k, str)
+        and k.endswith("class_embedding")
+        and f"{k[: -len('class_embedding')]}conv1.weight" in state
+    }
     if not prefixes:
         if any(isinstance(k, str) and ".trunk." in f".{k}" for k in state):
             raise DamError(f"{where}: unsupported open_clip variant: timm visual tower (trunk.*)")
@@ -361,27 +412,31 @@ def visual_state_dict(obj: Any, where: str = "checkpoint") -> dict[str, torch.Te
         if isinstance(key, str) and key.startswith(prefix):
             if not isinstance(value, torch.Tensor):
                 raise DamError(f"{where}: {key} is a {type(value).__name__}, not a tensor")
-            visual[key[len(prefix):]] = value
+            visual[key[len(prefix) :]] = value
     return visual
 
 
-def openclip_to_hf(visual: Mapping[str, torch.Tensor], spec: VisionSpec,
-                   where: str = "checkpoint") -> dict[str, torch.Tensor]:
+def openclip_to_hf(
+    visual: Mapping[str, torch.Tensor], spec: VisionSpec, where: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """transformers ``CLIPVisionModelWithProjection`` tensors from open_clip visual ones."""
     _check_shapes(visual, openclip_shapes(spec), where, OPENCLIP_PREFIX)
     out = {hf: visual[oc] for oc, hf in _renames(spec)}
     for i in range(spec.layers):
         oc, hf = f"transformer.resblocks.{i}.attn.", f"{HF_PREFIX}encoder.layers.{i}.self_attn."
-        for kind, fused in (("weight", visual[oc + "in_proj_weight"]),
-                            ("bias", visual[oc + "in_proj_bias"])):
+        for kind, fused in (
+            ("weight", visual[oc + "in_proj_weight"]),
+            ("bias", visual[oc + "in_proj_bias"]),
+        ):
             for part, chunk in zip(("q", "k", "v"), fused.chunk(3, dim=0), strict=True):
                 out[f"{hf}{part}_proj.{kind}"] = chunk
     out[HF_PROJECTION] = visual["proj"].t()
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def hf_to_openclip(tensors: Mapping[str, torch.Tensor], spec: VisionSpec,
-                   where: str = "model") -> dict[str, torch.Tensor]:
+def hf_to_openclip(
+    tensors: Mapping[str, torch.Tensor], spec: VisionSpec, where: str = "model"
+) -> dict[str, torch.Tensor]:
     """An open_clip visual state dict (names without ``visual.``) from transformers tensors.
 
     Accepts ``CLIPVisionModelWithProjection``/``CLIPModel`` names (``vision_model.*``) and bare
@@ -395,27 +450,42 @@ def hf_to_openclip(tensors: Mapping[str, torch.Tensor], spec: VisionSpec,
         )
     if not any(k.startswith(HF_PREFIX) for k in names):
         names = {(k if k == HF_PROJECTION else HF_PREFIX + k): v for k, v in names.items()}
-    names = {k: v for k, v in names.items()
-             if k == HF_PROJECTION or (k.startswith(HF_PREFIX) and not k.endswith("position_ids"))}
+    names = {
+        k: v
+        for k, v in names.items()
+        if k == HF_PROJECTION or (k.startswith(HF_PREFIX) and not k.endswith("position_ids"))
+    }
     out = {oc: names.get(hf) for oc, hf in _renames(spec)}
     for i in range(spec.layers):
         hf = f"{HF_PREFIX}encoder.layers.{i}.self_attn."
         for kind, fused in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
             parts = [names.get(f"{hf}{p}_proj.{kind}") for p in ("q", "k", "v")]
             out[f"transformer.resblocks.{i}.attn.{fused}"] = (
-                None if any(p is None for p in parts) else torch.cat(parts, dim=0))
+                None if any(p is None for p in parts) else torch.cat(parts, dim=0)
+            )
     out["proj"] = names[HF_PROJECTION].t()
     missing = [k for k, v in out.items() if v is None]
     if missing:
-        raise DamError(f"{where}: {len(missing)} transformers tensor(s) missing for open_clip "
-                       f"{OPENCLIP_PREFIX}{missing[0]}; does config.json match the weights?")
-    used = {hf for _, hf in _renames(spec)} | {HF_PROJECTION} | {
-        f"{HF_PREFIX}encoder.layers.{i}.self_attn.{p}_proj.{kind}"
-        for i in range(spec.layers) for p in "qkv" for kind in ("weight", "bias")}
+        raise DamError(
+            f"{where}: {len(missing)} transformers tensor(s) missing for open_clip "
+            f"{OPENCLIP_PREFIX}{missing[0]}; does config.json match the weights?"
+        )
+    used = (
+        {hf for _, hf in _renames(spec)}
+        | {HF_PROJECTION}
+        | {
+            f"{HF_PREFIX}encoder.layers.{i}.self_attn.{p}_proj.{kind}"
+            for i in range(spec.layers)
+            for p in "qkv"
+            for kind in ("weight", "bias")
+        }
+    )
     extra = sorted(set(names) - used)
     if extra:
-        raise DamError(f"{where}: {len(extra)} tensor(s) with no open_clip counterpart, e.g. "
-                       f"{extra[0]}; does config.json match the weights?")
+        raise DamError(
+            f"{where}: {len(extra)} tensor(s) with no open_clip counterpart, e.g. "
+            f"{extra[0]}; does config.json match the weights?"
+        )
     result = {k: v.detach().contiguous().clone() for k, v in out.items()}
     _check_shapes(result, openclip_shapes(spec), where, OPENCLIP_PREFIX)
     return result
@@ -441,14 +511,18 @@ def convert_openclip_checkpoint(
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     cfg = load_openclip_config(model, model_config)
     spec = spec_from_openclip_config(cfg, quick_gelu=quick_gelu)
-    visual = visual_state_dict(load_tensor_file(checkpoint, allow_pickle=allow_pickle),
-                               str(checkpoint))
+    visual = visual_state_dict(
+        load_tensor_file(checkpoint, allow_pickle=allow_pickle), str(checkpoint)
+    )
     tensors = openclip_to_hf(visual, spec, str(checkpoint))
     dtype = visual["conv1.weight"].dtype
     with atomic_output(out_dir, force=force) as tmp:
         hf_config(spec, dtype).save_pretrained(tmp)
-        save_file(tensors, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt", "converted_from": f"open_clip:{checkpoint.name}"})
+        save_file(
+            tensors,
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt", "converted_from": f"open_clip:{checkpoint.name}"},
+        )
     LOG.info("wrote %s (%d tensors, %s)", out_dir, len(tensors), spec.hidden_act)
     return out_dir
 
@@ -486,4 +560,3 @@ def convert_hf_to_openclip(
     with atomic_output(out_file, force=force, is_dir=False) as tmp:
         save_file({prefix + k: v for k, v in visual.items()}, str(tmp), metadata=metadata)
     return out_file
-

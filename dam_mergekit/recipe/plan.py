@@ -13,8 +13,7 @@ from typing import Any
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.masks.fingerprint import read_safetensors_header, weight_files
-
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+from dam_mergekit.recipe.checks import FLOAT_DTYPES, check_plan_covers_base
 
 
 @dataclass(frozen=True)
@@ -69,20 +68,16 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
 
     base = config.base_model
     experts = [m for m in config.referenced_models() if m != base]
-    header_shapes = _base_shapes(base, allow_pickle=allow_pickle)
-    tensors = []
+    header_shapes = base_tensors(model_dir(base), allow_pickle=allow_pickle)
+    tensors, covered = [], set()
     for target in tasks:
         task = getattr(target, "tensor_task", None)
         if task is None or not hasattr(task, "output_weight"):
             continue  # finalize / tokenizer tasks
         weight = task.output_weight
         name = weight.name
-        info = header_shapes.get(name)
-        if info is None:
-            for alias in weight.aliases or ():
-                info = header_shapes.get(alias)
-                if info:
-                    break
+        stored = next((n for n in (name, *(weight.aliases or ())) if n in header_shapes), None)
+        info = header_shapes.get(stored) if stored else None
         if info is None:
             if weight.optional:
                 continue
@@ -95,6 +90,8 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
             if ref != base
         }
         tensors.append(PlannedTensor(name, shape, dtype in FLOAT_DTYPES, params, weights))
+        covered.add(stored)
+    check_plan_covers_base(covered, model_dir(base), stored=header_shapes)
     return RecipePlan(config=config, base=base, experts=experts, tensors=tensors)
 
 
@@ -105,9 +102,12 @@ def model_dir(ref) -> str:
     return ref.local_path()
 
 
-def _base_shapes(base, *, allow_pickle: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+def base_tensors(
+    base_dir: str, *, allow_pickle: bool = False
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, safetensors dtype)}`` of every tensor stored in a model directory."""
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in weight_files(model_dir(base), allow_pickle=allow_pickle):
+    for path in weight_files(base_dir, allow_pickle=allow_pickle):
         if path.suffix != ".safetensors":
             raise DamError(f"{path}: dam reads tensor shapes from .safetensors checkpoints only")
         header, _ = read_safetensors_header(path)
