@@ -311,7 +311,7 @@ class Calibrator:
         self.opt_m1.zero_grad(set_to_none=True)
         if self.opt_m2 is not None:
             self.opt_m2.zero_grad(set_to_none=True)
-        return float(perf), float(safe)
+        return perf.item(), safe.item()
 
     # -- extraction --------------------------------------------------------------------------------
     def extract(self) -> tuple[dict, dict, dict]:
