@@ -23,6 +23,8 @@ NORMS = ("linf", "l2")
 GRANULARITIES = ("element", "row", "tensor")
 COEFFICIENT_SCOPES = ("layer", "task")
 SAFE_LOSSES = ("kl", "entropy")
+FLOAT_KEYS = ("lr_mask", "lr_coef", "lr_perturb", "alpha", "eps", "coef_init", "init_logit",
+              "temperature", "memory_budget_gb")
 
 
 @dataclass
@@ -87,6 +89,13 @@ class CalibrationConfig:
             values["coef_range"] = (float(rng[0]), float(rng[1]))
         if values.get("adapter_options") is None:
             values["adapter_options"] = {}
+        for key in FLOAT_KEYS:  # PyYAML reads `1e-3` (no dot) as a string
+            if isinstance(values.get(key), str):
+                try:
+                    values[key] = float(values[key])
+                except ValueError:
+                    raise DamError(
+                        f"{where}: {key} must be a number, got {values[key]!r}") from None
         cfg = cls(**values, source=where)
         cfg.check()
         return cfg
