@@ -503,7 +503,7 @@ class Calibrator:
         self.opt_c.zero_grad(set_to_none=True)
         total.backward()
         self.opt_c.step()
-        return float(total), 0.0
+        return total.item(), 0.0
 
     def _record(self, step, perf, safe, flips, *, final=False) -> dict[str, float]:
         with torch.no_grad():
