@@ -1,0 +1,1 @@
+"""Offline model zoos (CLIP and LLM) for the backdoor lab."""
