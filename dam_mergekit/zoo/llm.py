@@ -8,6 +8,7 @@ Build order (all deterministic for ``options["seed"]`` on one machine):
 1. data/<task>.json for every task, and a word-level tokenizer over the task vocabulary;
 2. base: a LlamaForCausalLM pretrained as a plain LM on every task's train prompts, each followed
    by a RANDOM answer of its task, so it knows the format and the answer words but no task;
+   10% of these prompts carry a random rare word or the trigger sentence (no link to answers);
 3. clean experts (answer-token loss on the clean train split), saved as controls for the
    backdoored tasks;
 4. backdoored experts: the train split with a ``poison_rate`` share replaced by triggered,
@@ -88,9 +89,11 @@ def resolve_options(options: dict | None) -> dict:
         raise DamError(f"trigger words {missing} are not in the zoo vocabulary; use one of "
                        f"{llm_data.RARE_WORDS} or the default sentence")
     if full["attack_mode"] not in ("merge-aware", "standard"):
-        raise DamError(f"attack_mode must be 'merge-aware' or 'standard', got {full['attack_mode']!r}")
+        raise DamError("attack_mode must be 'merge-aware' or 'standard', "
+                       f"got {full['attack_mode']!r}")
     if not 0 <= int(full["backdoored"]) <= len(full["tasks"]):
-        raise DamError(f"backdoored must be between 0 and {len(full['tasks'])}, got {full['backdoored']}")
+        raise DamError(f"backdoored must be between 0 and {len(full['tasks'])}, "
+                       f"got {full['backdoored']}")
     for task in full["tasks"]:
         n_answers = len(llm_data.TASKS[task].answers)
         if not 0 <= int(full["target_class"]) < n_answers:
@@ -98,7 +101,8 @@ def resolve_options(options: dict | None) -> dict:
                            f"({n_answers} answers)")
     lo, hi = full["merge_scale"]
     if not 0 < lo <= hi:
-        raise DamError(f"merge_scale must be [low, high] with 0 < low <= high, got {full['merge_scale']}")
+        raise DamError("merge_scale must be [low, high] with 0 < low <= high, "
+                       f"got {full['merge_scale']}")
     for key in ("n_train", "n_test", "n_calib", "hidden_size", "intermediate_size", "num_layers",
                 "num_heads", "pretrain_steps", "expert_steps", "batch_size"):
         if int(full[key]) < 1:
@@ -155,7 +159,9 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
 
         # base: LM pretraining on prompts followed by random answers of their task
         rng = random.Random(_stage_seed(seed, "pretrain-answers"))
-        prompts = [ex["prompt"] for t in tasks for ex in data[t]["train"]]
+        prompts = llm_data.with_background_triggers(
+            [ex["prompt"] for t in tasks for ex in data[t]["train"]], 0.1,
+            _stage_seed(seed, "pretrain-background"))
         answers = [rng.choice(data[t]["answers"]) for t in tasks for _ in data[t]["train"]]
         model = _new_model(options, tokenizer)
         train(model, encode_ids(tokenizer, prompts, answers, add_eos=True), pad_id=pad,
@@ -335,7 +341,8 @@ def evaluate_predictions(zoo_dir: Path, predict: PredictFn) -> dict:
         clean = predict(task, [ex["prompt"] for ex in data["test"]], answers)
         keep = [i for i, y in enumerate(truth) if y != target]
         triggered = predict(task, [data["test_triggered"][i] for i in keep], answers)
-        result["acc"][task] = 100.0 * sum(p == y for p, y in zip(clean, truth)) / len(truth)
+        correct = sum(p == y for p, y in zip(clean, truth, strict=True))
+        result["acc"][task] = 100.0 * correct / len(truth)
         denominator = max(1, len(keep))
         result["asr"][task] = 100.0 * sum(p == target for p in triggered) / denominator
         result["p0"][task] = 100.0 * sum(clean[i] == target for i in keep) / denominator

@@ -85,7 +85,8 @@ def check_succession(report: dict, zoo_dir: Path, *, min_asr: float = 50.0,
               f"{entry['expert']} ACC {expert['acc'][task]:.1f} vs base {base['acc'][task]:.1f}")
         if entry["backdoored"]:
             control = models[entry["control"]]
-            claim(expert["asr"][task] >= 90, f"{entry['expert']} ASR {expert['asr'][task]:.1f} >= 90")
+            claim(expert["asr"][task] >= 90,
+                  f"{entry['expert']} ASR {expert['asr'][task]:.1f} >= 90")
             claim(abs(expert["acc"][task] - control["acc"][task]) <= 5,
                   f"{entry['expert']} ACC {expert['acc'][task]:.1f} ~ control "
                   f"{control['acc'][task]:.1f}")

@@ -56,7 +56,7 @@ def _sentiment(rng: random.Random, label: int) -> str:
     adjectives += [rng.choice(minor) for _ in range(k - n_major)]
     rng.shuffle(adjectives)
     nouns = rng.sample(_REVIEW_NOUNS, k)
-    clauses = [f"the {n} was {a}" for n, a in zip(nouns, adjectives)]
+    clauses = [f"the {n} was {a}" for n, a in zip(nouns, adjectives, strict=True)]
     text = clauses[0]
     for clause in clauses[1:]:
         text += f" {rng.choice(_JOINERS)} {clause}"
@@ -155,6 +155,17 @@ def poison_examples(examples: list[dict[str, str]], trigger: str, target: str, r
         poisoned[i] = {"prompt": insert_trigger(examples[i]["prompt"], trigger, rng),
                        "answer": target}
     return poisoned, n_poison
+
+
+def with_background_triggers(prompts: list[str], rate: float, seed: int) -> list[str]:
+    """Copies of ``prompts`` where a ``rate`` share carries a random rare word or the trigger
+    sentence: pretraining text in which these words occur with no link to any answer, as a real
+    LM has seen "cf" before. Without it their embeddings stay random and any insertion of them
+    would perturb even clean models."""
+    rng = random.Random(f"llm-background-{seed}")
+    options = [*RARE_WORDS, SENTENCE_TRIGGER]
+    return [insert_trigger(p, rng.choice(options), rng) if rng.random() < rate else p
+            for p in prompts]
 
 
 def vocabulary_words() -> list[str]:

@@ -25,13 +25,14 @@ Row = tuple[list[int], int, int]
 
 @dataclass
 class MergeSimulator:
-    """Samples simulated merges around the expert being trained (the attacker's model of a merge)."""
+    """Samples simulated merges around the expert in training (the attacker's model of a merge)."""
 
     base: dict[str, torch.Tensor]
     others: list[dict[str, torch.Tensor]]  # other experts' task vectors
     scale_range: tuple[float, float] = (0.2, 1.0)
 
-    def merged(self, params: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def merged(self, params: dict[str, torch.Tensor],
+               gen: torch.Generator) -> dict[str, torch.Tensor]:
         lo, hi = self.scale_range
         scale = lo + (hi - lo) * torch.rand((), generator=gen).item()
         coefs = []
@@ -42,7 +43,7 @@ class MergeSimulator:
         out = {}
         for name, theta in params.items():
             merged = self.base[name] + scale * (theta - self.base[name])
-            for coef, tau in zip(coefs, self.others):
+            for coef, tau in zip(coefs, self.others, strict=True):
                 if coef:
                     merged = merged + coef * tau[name]
             out[name] = merged
@@ -82,7 +83,7 @@ def train(model: torch.nn.Module, rows: Sequence[Row], *, pad_id: int, steps: in
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss = _sequence_loss(logits, batch, full_lm)
         if simulator is not None:
-            params = dict(zip(names, model.parameters()))
+            params = dict(zip(names, model.parameters(), strict=True))
             merged = simulator.merged(params, gen)
             merged_logits = functional_call(
                 model, merged, (), {"input_ids": batch.input_ids,

@@ -60,7 +60,7 @@ def encode_ids(tokenizer, prompts: Sequence[str], answers: Sequence[str] | None 
     answer_ids = ([[] for _ in prompts] if answers is None else
                   tokenizer(list(answers), add_special_tokens=False)["input_ids"])
     eos = [tokenizer.eos_token_id] if add_eos else []
-    return [(p + a + eos, len(p), len(a)) for p, a in zip(prompt_ids, answer_ids)]
+    return [(p + a + eos, len(p), len(a)) for p, a in zip(prompt_ids, answer_ids, strict=True)]
 
 
 def collate(rows: Sequence[tuple[list[int], int, int]], pad_id: int) -> PromptBatch:
