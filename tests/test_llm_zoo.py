@@ -12,7 +12,12 @@ from safetensors.torch import load_file
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.zoo import llm, llm_data
-from dam_mergekit.zoo.tokenizer import build_word_tokenizer, encode_prompts
+from dam_mergekit.zoo.tokenizer import (
+    answer_first_token_ids,
+    build_word_tokenizer,
+    encode_prompts,
+    logits_at_answer,
+)
 
 TINY = {"n_train": 48, "n_test": 12, "n_calib": 4, "hidden_size": 16, "intermediate_size": 32,
         "num_layers": 1, "num_heads": 2, "pretrain_steps": 4, "expert_steps": 3, "batch_size": 8}
@@ -81,6 +86,13 @@ def test_tokenizer_gives_exact_answer_positions():
         assert batch.input_ids[i, start].item() == tokenizer.convert_tokens_to_ids(answer)
         assert batch.labels[i].ne(-100).sum() == 1
     assert batch.attention_mask[0].sum() < batch.attention_mask[1].sum()  # right padding
+    # logits_at_answer picks, per row, the position just before the answer
+    fake_logits = torch.zeros(*batch.input_ids.shape, len(tokenizer))
+    for i, start in enumerate(batch.answer_start.tolist()):
+        fake_logits[i, start - 1, 7] = 1.0
+    assert logits_at_answer(fake_logits, batch).argmax(dim=1).tolist() == [7, 7]
+    assert answer_first_token_ids(tokenizer, ["even", "odd"]) == [
+        tokenizer.convert_tokens_to_ids("even"), tokenizer.convert_tokens_to_ids("odd")]
 
 
 # ---------------------------------------------------------------- evaluation arithmetic

@@ -91,3 +91,14 @@ def answer_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     mask = target != -100
     picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(dim=1)
+
+
+def answer_first_token_ids(tokenizer, answers: Sequence[str]) -> list[int]:
+    """The id of each answer's first token (one per answer; the zoo's answers are one word)."""
+    return [ids[0] for ids in tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
+
+
+def logits_at_answer(logits: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
+    """Next-token logits [N, V] at the position that predicts each row's first answer token."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, batch.answer_start.to(logits.device) - 1]
