@@ -162,7 +162,8 @@ def test_scoring_a_hand_built_model_picks_its_favourite_answer(tmp_path):
 
 def test_bad_options_are_refused_before_anything_is_written(tmp_path):
     for bad in ({"attack": "blend"}, {"target_class": 2}, {"backdoored": 9}, {"nope": 1},
-                {"tasks": ["sentiment", "chess"]}, {"trigger": "zzz"}):
+                {"tasks": ["sentiment", "chess"]}, {"trigger": "zzz"}, {"poison_rate": 2},
+                {"seed": "x"}, {"merge_scale": [0.5, 0.1]}):
         with pytest.raises(DamError):
             llm.build_llm_zoo(tmp_path / "never", {**TINY, **bad})
     assert list(tmp_path.iterdir()) == []

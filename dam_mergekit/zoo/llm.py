@@ -62,6 +62,9 @@ DEFAULT_OPTIONS: dict = {
     "lr_pretrain": 3e-3,
     "lr_expert": 2e-3,
 }
+_INT_OPTIONS = ("seed", "backdoored", "target_class", "n_train", "n_test", "n_calib", "hidden_size",
+                "intermediate_size", "num_layers", "num_heads", "pretrain_steps", "expert_steps",
+                "batch_size")
 PredictFn = Callable[[str, list[str], list[str]], list[int]]  # (task, prompts, answers) -> indices
 
 
@@ -75,8 +78,17 @@ def resolve_options(options: dict | None) -> dict:
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
     if unknown:
         raise DamError(f"unknown LLM zoo option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")
-    full = {**copy.deepcopy(DEFAULT_OPTIONS), **options}
-    full["tasks"] = list(full["tasks"])
+    given = {k: v for k, v in options.items() if v is not None}  # None: use the default
+    full = {**copy.deepcopy(DEFAULT_OPTIONS), **given}
+    try:
+        for key in _INT_OPTIONS:
+            full[key] = int(full[key])
+        for key in ("poison_rate", "lr_pretrain", "lr_expert"):
+            full[key] = float(full[key])
+        full["merge_scale"] = [float(x) for x in full["merge_scale"]]
+        full["tasks"] = [str(t) for t in full["tasks"]]
+    except (TypeError, ValueError) as err:
+        raise DamError(f"bad LLM zoo option value: {err}") from err
     for task in full["tasks"]:
         if task not in llm_data.TASKS:
             raise DamError(f"unknown LLM task {task!r}; choose from {', '.join(llm_data.TASKS)}")
@@ -91,21 +103,21 @@ def resolve_options(options: dict | None) -> dict:
     if full["attack_mode"] not in ("merge-aware", "standard"):
         raise DamError("attack_mode must be 'merge-aware' or 'standard', "
                        f"got {full['attack_mode']!r}")
-    if not 0 <= int(full["backdoored"]) <= len(full["tasks"]):
+    if not 0 <= full["backdoored"] <= len(full["tasks"]):
         raise DamError(f"backdoored must be between 0 and {len(full['tasks'])}, "
                        f"got {full['backdoored']}")
     for task in full["tasks"]:
         n_answers = len(llm_data.TASKS[task].answers)
-        if not 0 <= int(full["target_class"]) < n_answers:
+        if not 0 <= full["target_class"] < n_answers:
             raise DamError(f"target_class {full['target_class']} is out of range for task {task!r} "
                            f"({n_answers} answers)")
-    lo, hi = full["merge_scale"]
-    if not 0 < lo <= hi:
+    if not 0.0 <= full["poison_rate"] <= 1.0:
+        raise DamError(f"poison_rate must lie in [0, 1], got {full['poison_rate']}")
+    if len(full["merge_scale"]) != 2 or not 0 < full["merge_scale"][0] <= full["merge_scale"][1]:
         raise DamError("merge_scale must be [low, high] with 0 < low <= high, "
                        f"got {full['merge_scale']}")
-    for key in ("n_train", "n_test", "n_calib", "hidden_size", "intermediate_size", "num_layers",
-                "num_heads", "pretrain_steps", "expert_steps", "batch_size"):
-        if int(full[key]) < 1:
+    for key in _INT_OPTIONS[3:]:
+        if full[key] < 1:
             raise DamError(f"LLM zoo option {key} must be a positive integer, got {full[key]}")
     if full["hidden_size"] % full["num_heads"]:
         raise DamError("hidden_size must be divisible by num_heads")

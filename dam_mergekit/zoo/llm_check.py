@@ -138,7 +138,12 @@ def main() -> int:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    for line in check_succession(report, args.zoo):
+    try:
+        checked = check_succession(report, args.zoo)
+    except DamError as err:
+        print(f"FAILED: {err}")
+        return 1
+    for line in checked:
         print("OK:", line)
     return 0
 
