@@ -167,6 +167,9 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path):
         with pytest.raises(DamError):
             llm.build_llm_zoo(tmp_path / "never", {**TINY, **bad})
     assert list(tmp_path.iterdir()) == []
+    assert llm.resolve_options({"kind": "llm", "seed": None}) == llm.resolve_options({})
+    with pytest.raises(DamError):
+        llm.resolve_options({"kind": "clip"})
 
 
 def test_manifest_round_trip(tiny_zoo):

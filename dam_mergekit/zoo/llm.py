@@ -75,6 +75,9 @@ def _stage_seed(seed: int, stage: str) -> int:
 def resolve_options(options: dict | None) -> dict:
     """Defaults filled in and every option checked, before anything is written."""
     options = dict(options or {})
+    kind = options.pop("kind", "llm")  # the generic `zoo build` passes the zoo kind along
+    if kind != "llm":
+        raise DamError(f"build_llm_zoo builds kind 'llm', got kind {kind!r}")
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
     if unknown:
         raise DamError(f"unknown LLM zoo option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")

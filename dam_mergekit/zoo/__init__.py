@@ -1,1 +1,0 @@
-"""Offline model zoos (CLIP and LLM) for the backdoor lab."""
