@@ -222,3 +222,12 @@ def test_granularity_shapes_in_the_mask_file(tmp_path):
             assert tuple(result.masks.m1[t.name].shape) == want
             m1 = mf.m1(t.name)
             assert m1 is None or tuple(m1.shape) == want
+
+
+def test_infomax_penalises_collapse_that_entropy_rewards():
+    from dam_mergekit.calibrate.adapters.base import entropy, infomax
+
+    collapsed = torch.tensor([[9.0, 0.0, 0.0]] * 6)  # every input confidently class 0
+    spread = torch.tensor([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0]] * 2)
+    assert torch.isclose(entropy(collapsed), entropy(spread))
+    assert infomax(collapsed) > infomax(spread) + 1.0

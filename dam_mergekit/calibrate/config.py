@@ -23,6 +23,7 @@ NORMS = ("linf", "l2")
 GRANULARITIES = ("element", "row", "tensor")
 COEFFICIENT_SCOPES = ("layer", "task")
 SAFE_LOSSES = ("kl", "entropy")
+PERF_LOSSES = ("entropy", "infomax")
 FLOAT_KEYS = ("lr_mask", "lr_coef", "lr_perturb", "alpha", "eps", "coef_init", "init_logit",
               "temperature", "memory_budget_gb")
 
@@ -53,6 +54,7 @@ class CalibrationConfig:
     temperature: float = 0.5
     rescale: bool = True  # the released per-tensor mean rescaling (folded into coefficients)
     safe_loss: str = "kl"  # "kl": KL(clean || perturbed); "entropy": entropy on perturbed
+    perf_loss: str = "entropy"  # "infomax": entropy minus the entropy of the batch's mean
     seed: int = 0
     device: str = "cpu"
     memory_budget_gb: float | None = None  # refuse when the estimate exceeds it
@@ -114,7 +116,8 @@ class CalibrationConfig:
                 "'package.module:Class' for your own adapter"
             )
         for key, allowed in (("mode", MODES), ("norm", NORMS), ("granularity", GRANULARITIES),
-                             ("coefficients", COEFFICIENT_SCOPES), ("safe_loss", SAFE_LOSSES)):
+                             ("coefficients", COEFFICIENT_SCOPES), ("safe_loss", SAFE_LOSSES),
+                             ("perf_loss", PERF_LOSSES)):
             if getattr(self, key) not in allowed:
                 raise bad(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0 and math.isfinite(self.eps)):

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from dam_mergekit.calibrate import concrete
 from dam_mergekit.calibrate.adapters import make_adapter
-from dam_mergekit.calibrate.adapters.base import entropy
+from dam_mergekit.calibrate.adapters.base import entropy, infomax
 from dam_mergekit.calibrate.config import CalibrationConfig
 from dam_mergekit.calibrate.models import check_experts, load_tensors
 from dam_mergekit.calibrate.perturb import Perturbations
@@ -229,7 +229,7 @@ class Calibrator:
     def _task_losses(self, params, task: str, x, *, perturbed: bool) -> tuple[torch.Tensor, ...]:
         """(clean entropy, safety loss) for one batch; one forward over clean and perturbed."""
         clean = self.adapter.logits(self.model, params, task, x)
-        h = entropy(clean)
+        h = infomax(clean) if self.cfg.perf_loss == "infomax" and self.dual else entropy(clean)
         if not perturbed or self.cfg.alpha == 0:
             return h, torch.zeros((), device=h.device)
         adv = self.adapter.logits(self.model, params, task, x, self.perturb.deltas[task].detach())

@@ -96,6 +96,17 @@ def data_fingerprint(data: str | list[str]) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
+def infomax(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy minus the entropy of the mean prediction (SHOT's information maximisation).
+
+    Plain entropy can be driven down by collapsing every input onto a few confident classes; the
+    second term rewards predictions that stay spread over the classes, so that collapse costs.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    marginal = probs.mean(0)
+    return entropy(logits) + (marginal * torch.log(marginal.clamp_min(1e-12))).sum()
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy of the softmax predictions (AdaMerging's unsupervised loss)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
