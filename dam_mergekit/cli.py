@@ -17,6 +17,9 @@ from dam_mergekit import __version__
 # Stage modules that contribute subcommands, in the order of the data path.
 COMMAND_MODULES = (
     "dam_mergekit.masks.cli",
+    "dam_mergekit.zoo.cli",
+    "dam_mergekit.evaluate",
+    "dam_mergekit.bench",
 )
 
 
