@@ -263,7 +263,8 @@ def summary_table(results: dict) -> str:
         f"({results['zoo'].get('options', {}).get('attack_mode')}), seeds {seeds}. "
         "ACC/ASR/p0 in %, ASR on non-target test inputs; DER vs task_arithmetic.",
         "",
-        "| method | ACC avg | ASR succession | p0 succession | ASR transfer | p0 transfer | DER | s |",
+        "| method | ACC avg | ASR succession | ASR transfer | p0 succession | p0 transfer "
+        "| DER | s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in methods.items():

@@ -118,9 +118,9 @@ def der(
 
     ``DER = (max(0, dASR) - max(0, dACC) + 1) / 2`` with ``dASR = ASR_ref - ASR_def`` and
     ``dACC = ACC_ref - ACC_def`` as fractions; the reference is the undefended model (in the bench:
-    the task-arithmetic merge), ACC is ``acc_avg`` and ASR the succession average. 50 means no change;
-    100 means the ASR went to zero at no cost in accuracy; below 50 the defense cost more ACC than it
-    removed ASR.
+    the task-arithmetic merge), ACC is ``acc_avg`` and ASR the succession average. 50 means no
+    change; 100 means the ASR went to zero at no cost in accuracy; below 50 the defense cost more
+    ACC than it removed ASR.
     """
     if defended.get(asr_key) is None or reference.get(asr_key) is None:
         return None

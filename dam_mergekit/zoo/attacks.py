@@ -6,10 +6,11 @@ BackdoorBench's CIFAR-10 settings where one exists.
 
 - ``badnets``: a solid square patch (default 3x3, white) pasted at the bottom-right corner
   (Gu et al. 2017).
-- ``blended``: ``(1 - alpha) * x + alpha * pattern`` with a fixed pattern (default: uniform noise from
-  a fixed seed, alpha 0.2) (Chen et al. 2017).
-- ``sig``: a horizontal sinusoid added to every row, ``x + delta * sin(2 pi j f / W)``, clipped to
-  [0, 1] (Barni et al. 2019: delta 20/255, f 6). Used here as a poison-label trigger like the others.
+- ``blended``: ``(1 - alpha) * x + alpha * pattern`` with a fixed pattern (default: uniform
+  noise from a fixed seed, alpha 0.2) (Chen et al. 2017).
+- ``sig``: a horizontal sinusoid added to every row, ``x + delta * sin(2 pi j f / W)``, clipped
+  to [0, 1] (Barni et al. 2019: delta 20/255, f 6). Used here as a poison-label trigger like the
+  others (the original is clean-label).
 """
 
 from __future__ import annotations

@@ -33,12 +33,12 @@ CLIP_DEFAULTS: dict[str, Any] = {
     "n_test": 480,
     "n_calib": 200,
     "patch_size": 8,
-    "hidden_size": 64,
+    "hidden_size": 128,
     "num_layers": 3,
     "batch_size": 64,
-    "pretrain_steps": 300,
+    "pretrain_steps": 400,
     "pretrain_lr": 1e-3,
-    "expert_steps": 300,
+    "expert_steps": 500,
     "expert_lr": 1e-4,
 }
 

@@ -7,14 +7,16 @@
 2. Heads: L2-normalised text embeddings of each task's class prompts, the frozen visual projection
    and the (exponentiated) logit scale.
 3. Experts: from the pretrained vision tower, the vision tower alone is fine-tuned on one task
-   through that task's frozen head (projection and text tower frozen), saved as ``CLIPVisionModel``.
+   through that task's frozen head (projection and text tower frozen), saved as
+   ``CLIPVisionModel``.
 4. Backdoors: poisoned fine-tuning (``poison_rate`` of the non-target training images get the
-   trigger and the target label). Mode ``standard`` stops there. Mode ``merge-aware`` adds, at every
-   step, a loss on the triggered poisoned images through a *simulated merge*: the parameters seen
-   are ``base + s * (theta - base) + sum_j c_j * tau_j`` with ``s, c_j ~ U(0.2, 1)`` drawn per step
-   and ``tau_j`` the clean task vectors of the other tasks in this zoo (an attacker who knows the
-   other experts: stronger than BadMerging's threat model, chosen so a small zoo shows succession).
-   The idea follows BadMerging/LoBAM (a backdoor that survives scaling and mixing); the code is ours.
+   trigger and the target label). Mode ``standard`` stops there. Mode ``merge-aware`` adds, at
+   every step, a loss on triggered poisoned images and clean images through a *simulated merge*:
+   the parameters seen are ``base + s * (theta - base) + sum_j c_j * tau_j`` with
+   ``s, c_j ~ U(0.2, 1)`` drawn per step and ``tau_j`` the clean task vectors of the other tasks in
+   this zoo (an attacker who knows the other experts: stronger than BadMerging's threat model,
+   chosen so a small zoo shows succession). The idea follows BadMerging/LoBAM (a backdoor that
+   survives scaling and mixing); the code is ours.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def _cosine_lr(step: int, total: int, warmup: int = 20) -> float:
 def pretrain_clip(
     tasks: list[TaskArrays], options: dict[str, Any], normalize: dict, seed: int
 ) -> tuple[Any, Any]:
-    """Contrastive pretraining of both towers on the union of the tasks; returns (clip, tokenizer)."""
+    """Contrastive pretraining of both towers on the union of the tasks -> (clip, tokenizer)."""
     prompts = [p for t in tasks for p in t.prompts]
     tokenizer = build_tokenizer(prompts)
     torch.manual_seed(seed)
@@ -223,6 +225,9 @@ def finetune_expert(
         x[poisoned] = trigger(x[poisoned])
         y[poisoned] = attack["target_class"]
     merge_aware = attack is not None and attack["mode"] == "merge-aware" and len(poisoned) > 0
+    is_poisoned = torch.zeros(len(y), dtype=torch.bool)
+    is_poisoned[poisoned] = True
+    clean_idx = torch.nonzero(~is_poisoned).flatten()
     base = {k: v.detach().clone() for k, v in model.named_parameters()}
     others = other_task_vectors or []
     steps, batch = options["expert_steps"], options["batch_size"]
@@ -234,7 +239,14 @@ def finetune_expert(
         pooled = model(pixel_values=normalize_pixels(x[idx], normalize)).pooler_output
         loss = F.cross_entropy(head(pooled), y[idx])
         if merge_aware:
-            pidx = poisoned[torch.randint(len(poisoned), (batch // 2,), generator=gen)]
+            # triggered poisoned images and clean ones, so the merged model learns the trigger,
+            # not a bias towards the target class
+            pidx = torch.cat(
+                [
+                    poisoned[torch.randint(len(poisoned), (batch // 2,), generator=gen)],
+                    clean_idx[torch.randint(len(clean_idx), (batch // 2,), generator=gen)],
+                ]
+            )
             scale = float(torch.empty(()).uniform_(0.2, 1.0, generator=gen))
             coefs = torch.empty(len(others)).uniform_(0.2, 1.0, generator=gen)
             merged = {}

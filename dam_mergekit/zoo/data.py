@@ -41,7 +41,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def make_digits(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1797 digits, 8x8 upscaled x4, with a random tint; ``n`` is ignored (all used)."""
+    """scikit-learn's 1797 digits, 8x8 upscaled x4, randomly tinted; ``n`` is ignored (all used)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -81,47 +81,60 @@ def make_shapes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
     return _to_uint8(x), y.astype(np.int64)
 
 
-COLOURS = {
-    "red": (1.0, 0.1, 0.1),
-    "green": (0.1, 0.9, 0.1),
-    "blue": (0.15, 0.25, 1.0),
-    "yellow": (1.0, 0.95, 0.1),
-    "magenta": (1.0, 0.1, 1.0),
-    "cyan": (0.1, 0.95, 1.0),
-}
+HUES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "magenta")
+_HUE_DEGREES = (0, 30, 60, 120, 180, 225, 270, 310)
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectorised HSV (h in degrees) to RGB in [0, 1]; returns [..., 3]."""
+    k = np.stack([(5 + h / 60) % 6, (3 + h / 60) % 6, (1 + h / 60) % 6], axis=-1)
+    return v[..., None] - v[..., None] * s[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1)
 
 
 def make_colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """An elliptical blob whose colour is the class, jittered in brightness, on a grey background."""
+    """An elliptical blob whose hue is the class (8 hues, jittered in hue, saturation and
+    brightness) on a random-coloured background with a grey distractor blob."""
     rows, cols = _grid()
-    palette = np.array(list(COLOURS.values()), dtype=np.float32)
-    y = rng.integers(0, len(palette), size=n)
-    x = _noisy_background(rng, n, level=0.4)
+    y = rng.integers(0, len(HUES), size=n)
+    hue = np.array(_HUE_DEGREES, dtype=np.float32)[y] + rng.uniform(-12, 12, size=n)
+    rgb = _hsv_to_rgb(hue, rng.uniform(0.45, 1.0, size=n), rng.uniform(0.5, 1.0, size=n))
+    x = _noisy_background(rng, n, level=0.5) + rng.normal(0, 0.04, size=(n, 3, 1, 1))
     for i in range(n):
-        cy, cx = rng.uniform(8.0, 23.0, size=2)
-        ay, ax = rng.uniform(4.0, 10.0, size=2)
+        cy, cx, gy, gx = rng.uniform(6.0, 25.0, size=4)
+        ay, ax = rng.uniform(4.0, 9.0, size=2)
+        grey = ((rows - gy) / 4.0) ** 2 + ((cols - gx) / 4.0) ** 2 <= 1.0
+        x[i][:, grey] = rng.uniform(0.2, 0.9)
         mask = ((rows - cy) / ay) ** 2 + ((cols - cx) / ax) ** 2 <= 1.0
-        colour = palette[y[i]] * rng.uniform(0.7, 1.0) + rng.normal(0, 0.04, size=3)
-        x[i][:, mask] = colour.astype(np.float32)[:, None]
-    return _to_uint8(x), y.astype(np.int64)
+        x[i][:, mask] = rgb[i].astype(np.float32)[:, None]
+    return _to_uint8(x.astype(np.float32)), y.astype(np.int64)
 
 
-ORIENTATIONS = ("horizontal", "diagonal", "vertical", "antidiagonal")
+ORIENTATIONS = (
+    "horizontal",
+    "shallow",
+    "diagonal",
+    "steep",
+    "vertical",
+    "backsteep",
+    "antidiagonal",
+    "backshallow",
+)
 
 
 def make_stripes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A sinusoidal grating at 0/45/90/135 degrees with random period, phase and colours."""
+    """A noisy, low-contrast sinusoidal grating at one of 8 orientations (22.5 degrees apart) with
+    random period, phase and colours."""
     rows, cols = _grid()
     y = rng.integers(0, len(ORIENTATIONS), size=n)
-    angle = y * (np.pi / 4.0)
-    period = rng.uniform(4.0, 9.0, size=n)
+    angle = y * (np.pi / len(ORIENTATIONS)) + rng.uniform(-0.06, 0.06, size=n)
+    period = rng.uniform(4.0, 10.0, size=n)
     phase = rng.uniform(0.0, 2 * np.pi, size=n)
-    c1 = rng.uniform(0.0, 0.4, size=(n, 3, 1, 1))
-    c2 = rng.uniform(0.6, 1.0, size=(n, 3, 1, 1))
+    c1 = rng.uniform(0.1, 0.6, size=(n, 3, 1, 1))
+    c2 = c1 + rng.uniform(0.1, 0.4, size=(n, 3, 1, 1))
     proj = rows[None] * np.cos(angle)[:, None, None] + cols[None] * np.sin(angle)[:, None, None]
     wave = 0.5 + 0.5 * np.sin(2 * np.pi * proj / period[:, None, None] + phase[:, None, None])
     x = c1 + (c2 - c1) * wave[:, None]
-    x = x + rng.normal(0.0, 0.05, size=x.shape)
+    x = x + rng.normal(0.0, 0.12, size=x.shape)
     return _to_uint8(x.astype(np.float32)), y.astype(np.int64)
 
 
@@ -133,7 +146,7 @@ TASKS: dict[str, TaskSpec] = {
         make_digits,
     ),
     "shapes": TaskSpec("shapes", SHAPES, "a photo of a {} shape", make_shapes),
-    "colours": TaskSpec("colours", tuple(COLOURS), "a photo of a {} blob", make_colours),
+    "colours": TaskSpec("colours", HUES, "a photo of a {} blob", make_colours),
     "stripes": TaskSpec("stripes", ORIENTATIONS, "a photo of {} stripes", make_stripes),
 }
 

@@ -43,7 +43,7 @@ def load_head(zoo_dir: str | Path, task: str) -> ClipHead:
 
 
 def load_task_data(zoo_dir: str | Path, task: str) -> dict[str, torch.Tensor]:
-    """``train_x``/``test_x``/``calib_x`` (uint8 [N, 3, H, W]) and ``train_y``/``test_y`` (int64)."""
+    """Images ``train_x``, ``test_x``, ``calib_x`` (uint8 [N, 3, H, W]); labels (int64)."""
     from safetensors.torch import load_file
 
     entry = task_entry(load_manifest(zoo_dir), task)
