@@ -2,7 +2,8 @@
 
 Methods (settings fixed here, from the literature, not tuned on any zoo):
 
-- ``pretrained``: the zoo's base model; ``expert:<task>``: each expert alone.
+- ``pretrained``: the zoo's base model; ``expert:<task>``: each expert alone;
+  ``control:<task>``: the clean control of each backdoored expert.
 - ``task_arithmetic``: lambda 0.3 on every task vector (Ilharco et al. 2023).
 - ``ties``: top-20 % magnitude trim, sign election, disjoint mean, lambda 1 (Yadav et al. 2023).
 - ``dare_ties``: random drop keeping 30 % with rescaling, then TIES's sign election and disjoint
@@ -126,6 +127,9 @@ def methods_for(manifest: dict, only: list[str] | None = None) -> list[Method]:
     methods = [Method("pretrained", model=lambda z, m: z / m["base"])]
     for t in manifest["tasks"]:
         methods.append(Method(f"expert:{t['name']}", model=lambda z, m, rel=t["expert"]: z / rel))
+    for t in manifest["tasks"]:
+        if t["control"]:
+            methods.append(Method(f"control:{t['name']}", model=lambda z, m, r=t["control"]: z / r))
     methods += [Method(n, recipe=r) for n, r in _MERGES.items()]
     if only:
         unknown = set(only) - {m.name for m in methods}
@@ -357,8 +361,8 @@ def run_bench(
     zoo, out = Path(zoo), Path(out)
     manifest = load_manifest(zoo)
     methods_for(manifest, only)  # refuse unknown names before any work
+    zoos = zoos_for_seeds(zoo, seeds)  # zoo builds use the caller's thread settings
     torch.set_num_threads(BENCH_THREADS)
-    zoos = zoos_for_seeds(zoo, seeds)
     out.mkdir(parents=True, exist_ok=True)
     per_seed = [bench_zoo(z, out, seed=s, only=only, evaluate=evaluate) for s, z in zoos.items()]
     results = {

@@ -36,10 +36,10 @@ CLIP_DEFAULTS: dict[str, Any] = {
     "hidden_size": 128,
     "num_layers": 3,
     "batch_size": 64,
-    "pretrain_steps": 400,
+    "pretrain_steps": 200,
     "pretrain_lr": 1e-3,
     "expert_steps": 500,
-    "expert_lr": 1e-4,
+    "expert_lr": 2e-4,
 }
 
 
