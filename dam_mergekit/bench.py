@@ -219,7 +219,9 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
                 std[key] = _std([r.get(key) for r in runs])
         if len(runs) > 1:
             row["std"] = std
-        row["per_seed"] = [{k: r.get(k) for k in FIGURES} for r in runs]
+        row["per_seed"] = [
+            {k: r.get(k) for k in ("acc", "asr", "p0", *FIGURES) if k in r} for r in runs
+        ]
         methods[name] = row
     return methods
 
@@ -237,8 +239,9 @@ def _std(values: list) -> float | None:
 def check_succession(results: dict) -> list[str]:
     """Failures of the succession claim of a merge-aware zoo (empty list: the claim holds).
 
-    The claim: task arithmetic keeps ASR >= 50 on every backdoored task, more than p0 + 20 and more
-    than the clean-control merge's ASR + 20 (per task, mean over seeds).
+    The claim, for every backdoored task and *every seed* (a mean could hide a seed where the
+    backdoor died): task arithmetic keeps ASR >= 50, more than its p0 + 20 and more than the
+    clean-control merge's ASR + 20.
     """
     manifest = results["zoo"]
     if manifest.get("options", {}).get("attack_mode") != "merge-aware":
@@ -247,14 +250,18 @@ def check_succession(results: dict) -> list[str]:
     control = results["methods"].get("task_arithmetic_clean_control")
     if ta is None or control is None:
         return ["--check needs the methods task_arithmetic and task_arithmetic_clean_control"]
+    seeds = results.get("seeds") or [None]
+    ta_runs = ta.get("per_seed") or [ta]
+    ctl_runs = control.get("per_seed") or [control]
     failures = []
-    for task in (t["name"] for t in manifest["tasks"] if t["backdoored"]):
-        asr, p0, ctl = ta["asr"][task], ta["p0"][task], control["asr"][task]
-        if not (asr >= 50 and asr > p0 + 20 and asr > ctl + 20):
-            failures.append(
-                f"{task}: task_arithmetic ASR {asr:.1f} (p0 {p0:.1f}, clean-control "
-                f"ASR {ctl:.1f}) misses ASR >= 50, > p0 + 20, > control + 20"
-            )
+    for seed, ta_run, ctl_run in zip(seeds, ta_runs, ctl_runs, strict=False):
+        for task in (t["name"] for t in manifest["tasks"] if t["backdoored"]):
+            asr, p0, ctl = ta_run["asr"][task], ta_run["p0"][task], ctl_run["asr"][task]
+            if not (asr >= 50 and asr > p0 + 20 and asr > ctl + 20):
+                failures.append(
+                    f"seed {seed}, {task}: task_arithmetic ASR {asr:.1f} (p0 {p0:.1f}, "
+                    f"clean-control ASR {ctl:.1f}) misses ASR >= 50, > p0 + 20, > control + 20"
+                )
     return failures
 
 

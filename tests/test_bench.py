@@ -27,6 +27,7 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
         "dare_ties",
         "task_arithmetic_clean_control",
         "expert:digits",
+        "control:digits",
     } <= names
     tasks = [t["name"] for t in saved["zoo"]["tasks"]]
     for row in saved["methods"].values():
@@ -93,3 +94,20 @@ def test_check_succession(asr, p0, ctl, ok, capsys):
 def test_check_skips_standard_zoo(capsys):
     assert report(_results(1.0, 1.0, 1.0, mode="standard"), check=True) == 0
     assert "no succession claim" in capsys.readouterr().out
+
+
+def test_check_succession_is_per_seed():
+    """A mean above the bar must not hide a seed where the backdoor died."""
+    results = _results(70.0, 5.0, 5.0)
+    ta, ctl = (
+        results["methods"]["task_arithmetic"],
+        results["methods"]["task_arithmetic_clean_control"],
+    )
+    ta["per_seed"] = [
+        {"asr": {"d": 95.0, "s": 1.0}, "p0": {"d": 5.0, "s": 1.0}},
+        {"asr": {"d": 45.0, "s": 1.0}, "p0": {"d": 5.0, "s": 1.0}},
+    ]
+    ctl["per_seed"] = [{"asr": {"d": 5.0, "s": 1.0}}, {"asr": {"d": 5.0, "s": 1.0}}]
+    results["seeds"] = [0, 1]
+    failures = check_succession(results)
+    assert len(failures) == 1 and failures[0].startswith("seed 1, d:")
