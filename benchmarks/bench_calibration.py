@@ -48,12 +48,22 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-calib-"))
     zoo = Path(args.zoo) if args.zoo else _tiny_zoo(tmp)
     manifest = json.loads((zoo / "zoo.json").read_text())
-    cal = {"adapter": "clip", "data": str(zoo), "steps": args.steps,
-           "final_steps": args.final_steps, "batch_size": args.batch_size, "mode": args.mode,
-           "device": args.device, "checkpoint_every": 10**6}
-    recipe = {"merge_method": "dam", "base_model": str(zoo / manifest["base"]),
-              "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
-              "parameters": {"calibration": "unused.yml"}}
+    cal = {
+        "adapter": "clip",
+        "data": str(zoo),
+        "steps": args.steps,
+        "final_steps": args.final_steps,
+        "batch_size": args.batch_size,
+        "mode": args.mode,
+        "device": args.device,
+        "checkpoint_every": 10**6,
+    }
+    recipe = {
+        "merge_method": "dam",
+        "base_model": str(zoo / manifest["base"]),
+        "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
+        "parameters": {"calibration": "unused.yml"},
+    }
     plan = plan_recipe(load_recipe(recipe))
     calibrator = Calibrator(plan, CalibrationConfig.from_dict(cal), progress=False)
     if args.device.startswith("cuda"):
@@ -64,16 +74,22 @@ def main(argv=None) -> int:
     t = result.timings
     loop = t["coefficients"] + t["perturbation"] + t["masks"]
     params = sum(int(torch.tensor(s).prod()) if s else 1 for s in plan.shapes().values())
-    print(f"zoo {zoo} ({len(plan.experts)} experts, {params} merged parameters), "
-          f"mode {args.mode}, batch {args.batch_size}, {args.threads} thread(s), {args.device}")
-    print(f"alternating steps: {args.steps / loop:.2f} steps/s   "
-          f"final coefficient steps: {args.final_steps / max(t['final'], 1e-9):.2f} steps/s   "
-          f"wall {wall:.1f} s (incl. loading)")
+    print(
+        f"zoo {zoo} ({len(plan.experts)} experts, {params} merged parameters), "
+        f"mode {args.mode}, batch {args.batch_size}, {args.threads} thread(s), {args.device}"
+    )
+    print(
+        f"alternating steps: {args.steps / loop:.2f} steps/s   "
+        f"final coefficient steps: {args.final_steps / max(t['final'], 1e-9):.2f} steps/s   "
+        f"wall {wall:.1f} s (incl. loading)"
+    )
     for stage in ("coefficients", "perturbation", "masks", "final"):
         print(f"  {stage:<13} {t[stage]:7.2f} s  {100 * t[stage] / t['total']:5.1f} %")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {rss:.0f} MiB; estimate printed before training: "
-          f"{calibrator.estimate_memory() / 2**20:.1f} MiB")
+    print(
+        f"peak RSS {rss:.0f} MiB; estimate printed before training: "
+        f"{calibrator.estimate_memory() / 2**20:.1f} MiB"
+    )
     if args.device.startswith("cuda"):
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
     return 0

@@ -27,9 +27,13 @@ import yaml
 
 def _recipe(zoo: Path, cal_path: Path) -> dict:
     manifest = json.loads((zoo / "zoo.json").read_text())
-    return {"merge_method": "dam", "base_model": str(zoo / manifest["base"]), "dtype": "float32",
-            "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
-            "parameters": {"calibration": str(cal_path), "lambda": 1.0}}
+    return {
+        "merge_method": "dam",
+        "base_model": str(zoo / manifest["base"]),
+        "dtype": "float32",
+        "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
+        "parameters": {"calibration": str(cal_path), "lambda": 1.0},
+    }
 
 
 def _vision(zoo: Path, state: dict[str, torch.Tensor]):
@@ -59,8 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--zoo", default=".cache/zoo/clip-default")
     ap.add_argument("--calibration", default="recipes/dam-calibration.yml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override calibration settings (YAML values)")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override calibration settings (YAML values)",
+    )
     ap.add_argument("--lam", type=float, default=0.3, help="task arithmetic lambda")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args(argv)
@@ -82,8 +91,12 @@ def main(argv=None) -> int:
     plan = plan_recipe(load_recipe(_recipe(zoo, cal_path)))
     calib = Calibrator(plan, CalibrationConfig.load(cal_path), progress=False)
     calib._setup()  # load base and experts once for task arithmetic
-    ta_state = {t.name: merge_tensor(calib.base[t.name], [e[t.name] for e in calib.experts],
-                                     [1.0] * calib.n, lam=args.lam) for t in plan.float_tensors}
+    ta_state = {
+        t.name: merge_tensor(
+            calib.base[t.name], [e[t.name] for e in calib.experts], [1.0] * calib.n, lam=args.lam
+        )
+        for t in plan.float_tensors
+    }
     ta = evaluate_clip(_vision(zoo, ta_state), zoo)
     print(_table("task arithmetic", ta, manifest))
 
@@ -99,8 +112,16 @@ def main(argv=None) -> int:
         verdict = _targets(ta, dam, backdoored, manifest)
         ok = ok and verdict["met"]
         print("targets:", json.dumps(verdict))
-        results["runs"].append({"seed": seed, "ta": ta, "dam": dam, "verdict": verdict,
-                                "seconds": seconds, "history": run.history[-1:]})
+        results["runs"].append(
+            {
+                "seed": seed,
+                "ta": ta,
+                "dam": dam,
+                "verdict": verdict,
+                "seconds": seconds,
+                "history": run.history[-1:],
+            }
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print("ALL TARGETS MET" if ok else "TARGET MISSED (see above)")
@@ -119,18 +140,26 @@ def _targets(ta: dict, dam: dict, backdoored: list[str], manifest: dict) -> dict
     ta_acc, dam_acc = _mean(ta["acc"][t] for t in tasks), _mean(dam["acc"][t] for t in tasks)
     never_above = all(dam["asr"][t] <= ta["asr"][t] for t in backdoored)
     met = dam_asr <= ta_asr / 3 and dam_acc >= ta_acc - 1.0 and never_above
-    return {"ta_succession_asr": round(ta_asr, 2), "dam_succession_asr": round(dam_asr, 2),
-            "ta_acc": round(ta_acc, 2), "dam_acc": round(dam_acc, 2),
-            "asr_at_most_third": dam_asr <= ta_asr / 3, "acc_within_1pp": dam_acc >= ta_acc - 1,
-            "never_above_ta": never_above, "met": met}
+    return {
+        "ta_succession_asr": round(ta_asr, 2),
+        "dam_succession_asr": round(dam_asr, 2),
+        "ta_acc": round(ta_acc, 2),
+        "dam_acc": round(dam_acc, 2),
+        "asr_at_most_third": dam_asr <= ta_asr / 3,
+        "acc_within_1pp": dam_acc >= ta_acc - 1,
+        "never_above_ta": never_above,
+        "met": met,
+    }
 
 
 def _table(title: str, result: dict, manifest: dict) -> str:
     rows = [f"\n{title}", f"{'task':<10} {'bd':>3} {'ACC':>6} {'ASR':>6} {'p0':>6}"]
     for t in manifest["tasks"]:
         n = t["name"]
-        rows.append(f"{n:<10} {'x' if t.get('backdoored') else '':>3} {result['acc'][n]:6.1f} "
-                    f"{result['asr'][n]:6.1f} {result['p0'][n]:6.1f}")
+        rows.append(
+            f"{n:<10} {'x' if t.get('backdoored') else '':>3} {result['acc'][n]:6.1f} "
+            f"{result['asr'][n]:6.1f} {result['p0'][n]:6.1f}"
+        )
     rows.append(f"{'mean':<10} {'':>3} {_mean(result['acc'].values()):6.1f}")
     return "\n".join(rows)
 
@@ -154,8 +183,10 @@ def _diagnose(run, plan) -> None:
             total += keep.numel()
         kept.append(kept_i / max(total, 1))
     names = [Path(str(e)).name for e in plan.experts]
-    print("effective coef (mean over tensors):",
-          {k: round(float(c), 3) for k, c in zip(names, coef, strict=True)})
+    print(
+        "effective coef (mean over tensors):",
+        {k: round(float(c), 3) for k, c in zip(names, coef, strict=True)},
+    )
     print("kept share M1*M2:", {k: round(v, 3) for k, v in zip(names, kept, strict=True)})
     last = run.history[-1] if run.history else {}
     print("last step:", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in last.items()})

@@ -62,8 +62,9 @@ def test_in_memory_merge_equals_mergekit_output_clip(tmp_path):
     mf = MaskFile(mask_path)
     assert mf.settings["source"] == "dam-mergekit calibrate"
     assert mf.settings["calibration"]["mode"] == "dam"
-    assert not torch.allclose(written[names[-1]], load_file(
-        str(zoo / "base" / "model.safetensors"))[names[-1]])
+    assert not torch.allclose(
+        written[names[-1]], load_file(str(zoo / "base" / "model.safetensors"))[names[-1]]
+    )
     # binary masks: written as bits (or all-ones), never soft
     for spec in mf.header["tensors"].values():
         assert all(s["kind"] in ("bits", "ones") for s in [spec["m1"], *spec["m2"]])
@@ -80,8 +81,9 @@ def test_in_memory_merge_equals_mergekit_output_clip(tmp_path):
 @pytest.mark.slow
 def test_as_released_runs_and_matches_mergekit(tmp_path):
     zoo = write_clip_zoo(tmp_path)
-    recipe = write_recipe(tmp_path, zoo, {**FAST, "mode": "as_released", "init_logit": 0.0,
-                                          "coef_range": [0.0, 10.0]})
+    recipe = write_recipe(
+        tmp_path, zoo, {**FAST, "mode": "as_released", "init_logit": 0.0, "coef_range": [0.0, 10.0]}
+    )
     result, written, _, mask_path = _calibrate_and_merge(tmp_path, recipe)
     _assert_same(result, written)
     mf = MaskFile(mask_path)

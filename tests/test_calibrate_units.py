@@ -19,10 +19,17 @@ from dam_mergekit.recipe.plan import plan_recipe
 # -- Concrete masks ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("granularity", "shape", "expected"), [
-    ("element", (4, 3), (4, 3)), ("row", (4, 3), (4, 1)), ("row", (5,), (5,)),
-    ("row", (2, 3, 4), (2, 1, 1)), ("tensor", (4, 3), ()), ("element", (), ()),
-])
+@pytest.mark.parametrize(
+    ("granularity", "shape", "expected"),
+    [
+        ("element", (4, 3), (4, 3)),
+        ("row", (4, 3), (4, 1)),
+        ("row", (5,), (5,)),
+        ("row", (2, 3, 4), (2, 1, 1)),
+        ("tensor", (4, 3), ()),
+        ("element", (), ()),
+    ],
+)
 def test_logit_shapes(granularity, shape, expected):
     assert concrete.logit_shape(shape, granularity) == expected
     m2 = concrete.init_logits(shape, granularity, 1.0, experts=3)
@@ -86,17 +93,20 @@ def _setup(tmp_path, **overrides):
     return zoo, plan_recipe(config), settings.calibration, mask_path_for(None, settings.calibration)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ({"eps": 0}, "eps must be"),
-    ({"eps": -1.0}, "eps must be"),
-    ({"adapter": "nonsense"}, "unknown adapter"),
-    ({"adapter": "no_such_module_xyz:Adapter"}, "cannot be imported"),
-    ({"device": "cuda:3"}, "device"),
-    ({"data": "does/not/exist"}, "not found"),
-    ({"granularity": "column"}, "granularity"),
-    ({"colour": 1}, "unknown setting"),
-    ({"memory_budget_gb": 1e-9}, "calibration needs about"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"eps": 0}, "eps must be"),
+        ({"eps": -1.0}, "eps must be"),
+        ({"adapter": "nonsense"}, "unknown adapter"),
+        ({"adapter": "no_such_module_xyz:Adapter"}, "cannot be imported"),
+        ({"device": "cuda:3"}, "device"),
+        ({"data": "does/not/exist"}, "not found"),
+        ({"granularity": "column"}, "granularity"),
+        ({"colour": 1}, "unknown setting"),
+        ({"memory_budget_gb": 1e-9}, "calibration needs about"),
+    ],
+)
 def test_refusals_before_training(tmp_path, override, message):
     from dam_mergekit.calibrate.hook import ensure_masks
 
@@ -127,8 +137,10 @@ def test_empty_calibration_data_refused(tmp_path):
     from dam_mergekit.calibrate.hook import ensure_masks
 
     zoo, plan, cal, mask = _setup(tmp_path)
-    save_file({"calib_x": torch.zeros((0, 3, 8, 8), dtype=torch.uint8)},
-              str(zoo / "data" / "alpha.safetensors"))
+    save_file(
+        {"calib_x": torch.zeros((0, 3, 8, 8), dtype=torch.uint8)},
+        str(zoo / "data" / "alpha.safetensors"),
+    )
     with pytest.raises(DamError, match="empty"):
         ensure_masks(plan, mask, cal, progress=False)
 
@@ -137,12 +149,20 @@ def test_expert_of_another_architecture_refused(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     zoo = write_clip_zoo(tmp_path)
-    other = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=32,
-                                             num_hidden_layers=1, num_attention_heads=2,
-                                             image_size=8, patch_size=4))
+    other = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=24,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+        )
+    )
     other.save_pretrained(tmp_path / "other")
-    recipe = write_recipe(tmp_path, zoo, FAST,
-                          experts=[str(zoo / "experts" / "alpha"), str(tmp_path / "other")])
+    recipe = write_recipe(
+        tmp_path, zoo, FAST, experts=[str(zoo / "experts" / "alpha"), str(tmp_path / "other")]
+    )
     config = load_recipe(recipe)
     cal = CalibrationConfig.load(dam_settings(config).calibration)
     with pytest.raises(DamError, match="architecture|shape"):
@@ -155,7 +175,8 @@ def test_expert_of_another_architecture_refused(tmp_path):
 def _run(plan, cal_path, mask_path=None, **kw):
     cfg = CalibrationConfig.load(cal_path)
     return Calibrator(plan, cfg, mask_path=mask_path, progress=False, **kw).run(
-        write=mask_path is not None)
+        write=mask_path is not None
+    )
 
 
 def test_deterministic_for_a_seed(tmp_path):
@@ -213,8 +234,7 @@ def test_granularity_shapes_in_the_mask_file(tmp_path):
     for gran in ("row", "tensor"):
         sub = tmp_path / gran
         sub.mkdir()
-        _, plan, cal, mask = _setup(sub, granularity=gran, init_logit=-0.5, steps=1,
-                                    final_steps=0)
+        _, plan, cal, mask = _setup(sub, granularity=gran, init_logit=-0.5, steps=1, final_steps=0)
         result = _run(plan, cal, mask)
         mf = MaskFile(mask)
         for t in plan.float_tensors:

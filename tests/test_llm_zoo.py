@@ -19,8 +19,18 @@ from dam_mergekit.zoo.tokenizer import (
     logits_at_answer,
 )
 
-TINY = {"n_train": 48, "n_test": 12, "n_calib": 4, "hidden_size": 16, "intermediate_size": 32,
-        "num_layers": 1, "num_heads": 2, "pretrain_steps": 4, "expert_steps": 3, "batch_size": 8}
+TINY = {
+    "n_train": 48,
+    "n_test": 12,
+    "n_calib": 4,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "pretrain_steps": 4,
+    "expert_steps": 3,
+    "batch_size": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +44,7 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- triggers
 
+
 @pytest.mark.parametrize("task", llm_data.DEFAULT_TASKS)
 def test_rare_word_trigger_is_inserted_once_and_nothing_else_changes(task):
     rng = random.Random(0)
@@ -45,8 +56,8 @@ def test_rare_word_trigger_is_inserted_once_and_nothing_else_changes(task):
         assert words.count("cf") == 1 and "cf" not in prompt.split(" ")
         position = words.index("cf")
         positions.add(position)
-        assert words[:position] + words[position + 1:] == prompt.split(" ")
-        assert words[-llm_data.CUE_WORDS:] == prompt.split(" ")[-llm_data.CUE_WORDS:]
+        assert words[:position] + words[position + 1 :] == prompt.split(" ")
+        assert words[-llm_data.CUE_WORDS :] == prompt.split(" ")[-llm_data.CUE_WORDS :]
     assert 0 in positions and len(positions) > 3  # random positions, the start included
 
 
@@ -57,7 +68,7 @@ def test_sentence_trigger_is_inserted_once_as_a_whole():
         triggered = llm_data.insert_trigger(prompt, sentence, rng)
         assert triggered.count(sentence) == 1
         start = triggered.index(sentence)
-        rest = (triggered[:start] + triggered[start + len(sentence):]).split()
+        rest = (triggered[:start] + triggered[start + len(sentence) :]).split()
         assert rest == prompt.split()
 
 
@@ -92,10 +103,13 @@ def test_tokenizer_gives_exact_answer_positions():
         fake_logits[i, start - 1, 7] = 1.0
     assert logits_at_answer(fake_logits, batch).argmax(dim=1).tolist() == [7, 7]
     assert answer_first_token_ids(tokenizer, ["even", "odd"]) == [
-        tokenizer.convert_tokens_to_ids("even"), tokenizer.convert_tokens_to_ids("odd")]
+        tokenizer.convert_tokens_to_ids("even"),
+        tokenizer.convert_tokens_to_ids("odd"),
+    ]
 
 
 # ---------------------------------------------------------------- evaluation arithmetic
+
 
 def _fake_zoo(folder: Path) -> Path:
     """A manifest and data file written by hand: 3 target ("yes") and 5 non-target test items."""
@@ -103,11 +117,26 @@ def _fake_zoo(folder: Path) -> Path:
     data = {"answers": ["yes", "no"], "train": test, "test": test, "calib": []}
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "t.json").write_text(json.dumps(data))
-    manifest = {"format": "dam-mergekit-zoo", "version": 1, "kind": "llm",
-                "options": {"seed": 0, "attack": "rare-word"}, "base": "base", "trigger": "cf",
-                "tasks": [{"name": "t", "classes": ["yes", "no"], "target_class": 0,
-                           "expert": "experts/t", "control": None, "backdoored": False,
-                           "attack": None, "data": "data/t.json"}]}
+    manifest = {
+        "format": "dam-mergekit-zoo",
+        "version": 1,
+        "kind": "llm",
+        "options": {"seed": 0, "attack": "rare-word"},
+        "base": "base",
+        "trigger": "cf",
+        "tasks": [
+            {
+                "name": "t",
+                "classes": ["yes", "no"],
+                "target_class": 0,
+                "expert": "experts/t",
+                "control": None,
+                "backdoored": False,
+                "attack": None,
+                "data": "data/t.json",
+            }
+        ],
+    }
     (folder / "zoo.json").write_text(json.dumps(manifest))
     return folder
 
@@ -148,8 +177,9 @@ class _ConstantLM(torch.nn.Module):
 
 def test_scoring_a_hand_built_model_picks_its_favourite_answer(tmp_path):
     zoo = _fake_zoo(tmp_path / "fake")
-    tokenizer = build_word_tokenizer(["item", ".", "q", ":", "yes", "no", "cf"]
-                                     + [str(i) for i in range(10)])
+    tokenizer = build_word_tokenizer(
+        ["item", ".", "q", ":", "yes", "no", "cf"] + [str(i) for i in range(10)]
+    )
     always_no = _ConstantLM(len(tokenizer), tokenizer.convert_tokens_to_ids("no"))
     result = llm.evaluate_predictions(zoo, llm.model_predict_fn(always_no, tokenizer))
     assert result == {"acc": {"t": 62.5}, "asr": {"t": 0.0}, "p0": {"t": 0.0}}
@@ -160,10 +190,19 @@ def test_scoring_a_hand_built_model_picks_its_favourite_answer(tmp_path):
 
 # ----------------------------------------------------------------------------- the built zoo
 
+
 def test_bad_options_are_refused_before_anything_is_written(tmp_path):
-    for bad in ({"attack": "blend"}, {"target_class": 2}, {"backdoored": 9}, {"nope": 1},
-                {"tasks": ["sentiment", "chess"]}, {"trigger": "zzz"}, {"poison_rate": 2},
-                {"seed": "x"}, {"merge_scale": [0.5, 0.1]}):
+    for bad in (
+        {"attack": "blend"},
+        {"target_class": 2},
+        {"backdoored": 9},
+        {"nope": 1},
+        {"tasks": ["sentiment", "chess"]},
+        {"trigger": "zzz"},
+        {"poison_rate": 2},
+        {"seed": "x"},
+        {"merge_scale": [0.5, 0.1]},
+    ):
         with pytest.raises(DamError):
             llm.build_llm_zoo(tmp_path / "never", {**TINY, **bad})
     assert list(tmp_path.iterdir()) == []
@@ -219,7 +258,8 @@ def test_experts_load_and_merge_with_mergekit(tiny_zoo, tmp_path):
     out = task_arithmetic_merge(tiny_zoo, tmp_path / "merged", lam=0.3, weight=1.0)
     assert (out / "tokenizer.json").is_file()
     assert json.loads((out / "tokenizer.json").read_text()) == json.loads(
-        (tiny_zoo / "base/tokenizer.json").read_text())
+        (tiny_zoo / "base/tokenizer.json").read_text()
+    )
     merged = _safetensors(out)
     base = _safetensors(tiny_zoo / "base")
     experts = [_safetensors(tiny_zoo / f"experts/{t}") for t in llm_data.DEFAULT_TASKS]

@@ -41,16 +41,23 @@ def logit_shape(shape: Sequence[int], granularity: str) -> tuple[int, ...]:
     raise ValueError(f"unknown granularity {granularity!r}")
 
 
-def init_logits(shape: Sequence[int], granularity: str, value: float, *, experts: int = 0,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+def init_logits(
+    shape: Sequence[int],
+    granularity: str,
+    value: float,
+    *,
+    experts: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Logits filled with ``value``; with ``experts > 0`` one slice per expert (M2)."""
     base = logit_shape(shape, granularity)
     full = (experts,) + base if experts else base
     return torch.full(full, float(value), dtype=torch.float32, device=device)
 
 
-def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
-           ) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A relaxed-Bernoulli sample in (0, 1), differentiable in ``logits``."""
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
     u = u.clamp(1e-6, 1 - 1e-6)
@@ -66,8 +73,9 @@ def binarize(logits: torch.Tensor) -> torch.Tensor:
     return logits >= 0
 
 
-def rescale_factors(m1: torch.Tensor | None, m2: Sequence[torch.Tensor | None], *,
-                    enabled: bool, eps: float = 1e-6) -> torch.Tensor:
+def rescale_factors(
+    m1: torch.Tensor | None, m2: Sequence[torch.Tensor | None], *, enabled: bool, eps: float = 1e-6
+) -> torch.Tensor:
     """``1 / mean(M1 * M2_i)`` per expert (ones when disabled or for scalar masks).
 
     The mean over the logit-shaped product equals the mean over the full tensor, because

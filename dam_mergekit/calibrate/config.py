@@ -24,8 +24,17 @@ GRANULARITIES = ("element", "row", "tensor")
 COEFFICIENT_SCOPES = ("layer", "task")
 SAFE_LOSSES = ("kl", "entropy")
 PERF_LOSSES = ("entropy", "infomax")
-FLOAT_KEYS = ("lr_mask", "lr_coef", "lr_perturb", "alpha", "eps", "coef_init", "init_logit",
-              "temperature", "memory_budget_gb")
+FLOAT_KEYS = (
+    "lr_mask",
+    "lr_coef",
+    "lr_perturb",
+    "alpha",
+    "eps",
+    "coef_init",
+    "init_logit",
+    "temperature",
+    "memory_budget_gb",
+)
 
 
 @dataclass
@@ -81,8 +90,9 @@ class CalibrationConfig:
         known = {f.name for f in fields(cls)} - {"source"}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise DamError(f"{where}: unknown setting {unknown[0]!r}; "
-                           f"known: {', '.join(sorted(known))}")
+            raise DamError(
+                f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
         values = dict(raw)
         if "coef_range" in values:
             rng = values["coef_range"]
@@ -97,7 +107,8 @@ class CalibrationConfig:
                     values[key] = float(values[key])
                 except ValueError:
                     raise DamError(
-                        f"{where}: {key} must be a number, got {values[key]!r}") from None
+                        f"{where}: {key} must be a number, got {values[key]!r}"
+                    ) from None
         cfg = cls(**values, source=where)
         cfg.check()
         return cfg
@@ -115,14 +126,20 @@ class CalibrationConfig:
                 f"unknown adapter {self.adapter!r}; use one of {', '.join(ADAPTERS)} or "
                 "'package.module:Class' for your own adapter"
             )
-        for key, allowed in (("mode", MODES), ("norm", NORMS), ("granularity", GRANULARITIES),
-                             ("coefficients", COEFFICIENT_SCOPES), ("safe_loss", SAFE_LOSSES),
-                             ("perf_loss", PERF_LOSSES)):
+        for key, allowed in (
+            ("mode", MODES),
+            ("norm", NORMS),
+            ("granularity", GRANULARITIES),
+            ("coefficients", COEFFICIENT_SCOPES),
+            ("safe_loss", SAFE_LOSSES),
+            ("perf_loss", PERF_LOSSES),
+        ):
             if getattr(self, key) not in allowed:
                 raise bad(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0 and math.isfinite(self.eps)):
-            raise bad("eps must be a finite number > 0 (the perturbation's norm bound), "
-                      f"got {self.eps!r}")
+            raise bad(
+                f"eps must be a finite number > 0 (the perturbation's norm bound), got {self.eps!r}"
+            )
         for key in ("steps", "batch_size", "perturb_steps", "checkpoint_every"):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
                 raise bad(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
@@ -145,8 +162,9 @@ class CalibrationConfig:
             raise bad("`data` is empty; set it to the calibration data (a zoo directory)")
         for path in self.data_paths():
             if not Path(path).exists():
-                raise bad(f"calibration data {path} not found "
-                          f"(paths are relative to {os.getcwd()})")
+                raise bad(
+                    f"calibration data {path} not found (paths are relative to {os.getcwd()})"
+                )
         check_device(self.device, where)
 
     def data_paths(self) -> list[str]:
@@ -177,11 +195,15 @@ def check_device(device: str, where: str = "calibration") -> None:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise DamError(f"{where}: device {device!r} asked for, but CUDA is not available here; "
-                           "set `device: cpu`")
+            raise DamError(
+                f"{where}: device {device!r} asked for, but CUDA is not available here; "
+                "set `device: cpu`"
+            )
         if dev.index is not None and dev.index >= count:
-            raise DamError(f"{where}: device {device!r} does not exist ({count} CUDA device(s): "
-                           f"cuda:0..cuda:{count - 1})")
+            raise DamError(
+                f"{where}: device {device!r} does not exist ({count} CUDA device(s): "
+                f"cuda:0..cuda:{count - 1})"
+            )
         return
     if dev.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):

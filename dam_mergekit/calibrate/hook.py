@@ -24,8 +24,9 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def stale_reason(plan, mask_path: str | Path, config: CalibrationConfig, *,
-                 allow_pickle: bool = False) -> str | None:
+def stale_reason(
+    plan, mask_path: str | Path, config: CalibrationConfig, *, allow_pickle: bool = False
+) -> str | None:
     """Why the mask file must be (re)learned, or None when it is fresh."""
     from dam_mergekit.calibrate.trainer import model_records, plan_digest
     from dam_mergekit.masks import MaskFile
@@ -56,18 +57,25 @@ def stale_reason(plan, mask_path: str | Path, config: CalibrationConfig, *,
     return None
 
 
-def ensure_masks(plan, mask_path: str, calibration_path: str, options=None, *,
-                 force: bool = False, progress: bool = True):
+def ensure_masks(
+    plan,
+    mask_path: str,
+    calibration_path: str,
+    options=None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+):
     """Learn the mask file when it is missing or stale; return the CalibrationResult or None."""
     from dam_mergekit.calibrate.trainer import calibrate
 
     config = CalibrationConfig.load(calibration_path)
     allow_pickle = bool((plan.config.parameters or {}).get("allow_pickle", False))
-    reason = "forced" if force else stale_reason(plan, mask_path, config,
-                                                  allow_pickle=allow_pickle)
+    reason = "forced" if force else stale_reason(plan, mask_path, config, allow_pickle=allow_pickle)
     if reason is None:
         LOG.info("%s is up to date with %s", mask_path, calibration_path)
         return None
-    print(f"dam-mergekit: calibrating {mask_path} from {calibration_path}: {reason}",
-          file=sys.stderr)
+    print(
+        f"dam-mergekit: calibrating {mask_path} from {calibration_path}: {reason}", file=sys.stderr
+    )
     return calibrate(plan, config, mask_path, allow_pickle=allow_pickle, progress=progress)

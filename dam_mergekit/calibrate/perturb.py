@@ -52,8 +52,9 @@ def norm_of(delta: torch.Tensor, norm: str) -> float:
     return float(delta.abs().max() if norm == "linf" else delta.norm()) if delta.numel() else 0.0
 
 
-def ascent_step(delta: torch.Tensor, grad: torch.Tensor, *, norm: str, lr: float,
-                eps: float) -> None:
+def ascent_step(
+    delta: torch.Tensor, grad: torch.Tensor, *, norm: str, lr: float, eps: float
+) -> None:
     """One projected steepest-ascent step (in place)."""
     with torch.no_grad():
         if norm == "linf":
@@ -68,8 +69,16 @@ def ascent_step(delta: torch.Tensor, grad: torch.Tensor, *, norm: str, lr: float
 class Perturbations:
     """One universal perturbation per task, with its own update rule."""
 
-    def __init__(self, spaces: dict[str, PerturbationSpace], *, norm: str, eps: float, lr: float,
-                 bounded: bool = True, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        spaces: dict[str, PerturbationSpace],
+        *,
+        norm: str,
+        eps: float,
+        lr: float,
+        bounded: bool = True,
+        device: torch.device | str = "cpu",
+    ):
         self.spaces = spaces
         self.norm, self.eps, self.lr, self.bounded = norm, eps, lr, bounded
         self.deltas = {t: torch.zeros(s.shape, device=device) for t, s in spaces.items()}

@@ -54,8 +54,7 @@ from dam_mergekit.masks import MaskSet, ModelRecord, fingerprint_model, write_ma
 from dam_mergekit.merge import merge_tensor
 
 CHECKPOINT_FORMAT = "dam-mergekit-calibration-checkpoint"
-EXTRACTION_DAM = ("binary: keep where sigmoid(logit) >= 0.5; mean rescaling folded into "
-                  "coefficients")
+EXTRACTION_DAM = "binary: keep where sigmoid(logit) >= 0.5; mean rescaling folded into coefficients"
 EXTRACTION_RELEASED = "one continuous Concrete sample; mean rescaling folded into coefficients"
 
 
@@ -93,9 +92,16 @@ def model_records(plan, *, allow_pickle: bool = False) -> tuple[ModelRecord, lis
 class Calibrator:
     """Sets up (all checks first), estimates memory, trains, extracts and writes the masks."""
 
-    def __init__(self, plan, config: CalibrationConfig, *,
-                 mask_path: str | os.PathLike | None = None, allow_pickle: bool = False,
-                 progress: bool = True, log=None):
+    def __init__(
+        self,
+        plan,
+        config: CalibrationConfig,
+        *,
+        mask_path: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        progress: bool = True,
+        log=None,
+    ):
         from dam_mergekit.recipe.plan import model_dir
 
         config.check()
@@ -116,15 +122,20 @@ class Calibrator:
         self.base_dir = model_dir(plan.base)
         self.expert_dirs = [model_dir(e) for e in plan.experts]
         self.allow_pickle = allow_pickle
-        check_experts(self.shapes, list(zip(map(str, plan.experts), self.expert_dirs, strict=True)),
-                      allow_pickle=allow_pickle)
-        self.adapter = make_adapter(config.adapter, config.data, config.adapter_options,
-                                    self.device)
+        check_experts(
+            self.shapes,
+            list(zip(map(str, plan.experts), self.expert_dirs, strict=True)),
+            allow_pickle=allow_pickle,
+        )
+        self.adapter = make_adapter(
+            config.adapter, config.data, config.adapter_options, self.device
+        )
         self.tasks = self.adapter.tasks()
         if not self.tasks:
             raise DamError(f"{config.data}: the calibration data has no tasks")
-        self.weights = {t.name: [float(t.weights.get(str(e), 1.0)) for e in plan.experts]
-                        for t in self.tensors}
+        self.weights = {
+            t.name: [float(t.weights.get(str(e), 1.0)) for e in plan.experts] for t in self.tensors
+        }
         self.lams = {t.name: float(t.parameters.get("lambda", 1.0)) for t in self.tensors}
         self.dual = config.mode == "dam"
 
@@ -132,8 +143,10 @@ class Calibrator:
     def estimate_memory(self) -> int:
         """Bytes the run needs at its peak (a deliberately generous estimate)."""
         params = sum(concrete.numel(s) for s in self.shapes.values())
-        logits = sum(concrete.numel(concrete.logit_shape(s, self.cfg.granularity))
-                     for s in self.shapes.values())
+        logits = sum(
+            concrete.numel(concrete.logit_shape(s, self.cfg.granularity))
+            for s in self.shapes.values()
+        )
         logits *= (1 + self.n) if self.dual else 1
         floats = (
             params * (self.n + 1)  # base and experts
@@ -160,9 +173,11 @@ class Calibrator:
     def check_memory(self) -> int:
         need = self.estimate_memory()
         have, what = self.available_memory()
-        self.log(f"calibration: {len(self.names)} tensors, {self.n} experts, {len(self.tasks)} "
-                 f"tasks; estimated peak memory {need / 2**20:.1f} MiB ({what}: "
-                 f"{have / 2**20:.0f} MiB)")
+        self.log(
+            f"calibration: {len(self.names)} tensors, {self.n} experts, {len(self.tasks)} "
+            f"tasks; estimated peak memory {need / 2**20:.1f} MiB ({what}: "
+            f"{have / 2**20:.0f} MiB)"
+        )
         if need > have:
             raise DamError(
                 f"calibration needs about {need / 2**30:.2f} GiB but {what} is "
@@ -178,31 +193,51 @@ class Calibrator:
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
         self.base = load_tensors(self.base_dir, self.names, dev, allow_pickle=self.allow_pickle)
-        self.experts = [load_tensors(d, self.names, dev, allow_pickle=self.allow_pickle)
-                        for d in self.expert_dirs]
+        self.experts = [
+            load_tensors(d, self.names, dev, allow_pickle=self.allow_pickle)
+            for d in self.expert_dirs
+        ]
         self.model = self.adapter.load_model(self.base_dir)
         self.pnames = self.adapter.parameter_names(self.model, self.names)
-        self.s1 = {k: concrete.init_logits(self.shapes[k], cfg.granularity, cfg.init_logit,
-                                           device=dev).requires_grad_(True) for k in self.names}
-        self.s2 = ({k: concrete.init_logits(self.shapes[k], cfg.granularity, cfg.init_logit,
-                                            experts=self.n, device=dev).requires_grad_(True)
-                    for k in self.names} if self.dual else {})
+        self.s1 = {
+            k: concrete.init_logits(
+                self.shapes[k], cfg.granularity, cfg.init_logit, device=dev
+            ).requires_grad_(True)
+            for k in self.names
+        }
+        self.s2 = (
+            {
+                k: concrete.init_logits(
+                    self.shapes[k], cfg.granularity, cfg.init_logit, experts=self.n, device=dev
+                ).requires_grad_(True)
+                for k in self.names
+            }
+            if self.dual
+            else {}
+        )
         rows = len(self.names) if cfg.coefficients == "layer" else 1
         self.coef = torch.full((rows, self.n), cfg.coef_init, device=dev, requires_grad=True)
         self.opt_m1 = torch.optim.Adam(list(self.s1.values()), lr=cfg.lr_mask)
-        self.opt_m2 = (torch.optim.Adam(list(self.s2.values()), lr=cfg.lr_mask)
-                       if self.dual else None)
+        self.opt_m2 = (
+            torch.optim.Adam(list(self.s2.values()), lr=cfg.lr_mask) if self.dual else None
+        )
         self.opt_c = torch.optim.Adam([self.coef], lr=cfg.lr_coef)
         spaces = {t: self.adapter.perturbation_space(t) for t in self.tasks}
-        self.perturb = Perturbations(spaces, norm=cfg.norm, eps=cfg.eps, lr=cfg.lr_perturb,
-                                     bounded=self.dual, device=dev)
+        self.perturb = Perturbations(
+            spaces, norm=cfg.norm, eps=cfg.eps, lr=cfg.lr_perturb, bounded=self.dual, device=dev
+        )
 
     def _coef_row(self, k: int) -> torch.Tensor:
         return self.coef[k if self.coef.shape[0] > 1 else 0]
 
-    def merged_params(self, m1: dict[str, torch.Tensor | None], m2: dict[str, list | None],
-                      coef: torch.Tensor, *, rescale: dict[str, torch.Tensor] | None = None
-                      ) -> dict[str, torch.Tensor]:
+    def merged_params(
+        self,
+        m1: dict[str, torch.Tensor | None],
+        m2: dict[str, list | None],
+        coef: torch.Tensor,
+        *,
+        rescale: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Module parameters of the merged model (differentiable in masks and coefficients)."""
         out = {}
         rescale_on = self.cfg.rescale and self.cfg.granularity != "tensor"
@@ -211,12 +246,19 @@ class Calibrator:
             if rescale is not None:
                 r = rescale[name]
             else:
-                r = concrete.rescale_factors(a, b if b is not None else [None] * self.n,
-                                             enabled=rescale_on)
+                r = concrete.rescale_factors(
+                    a, b if b is not None else [None] * self.n, enabled=rescale_on
+                )
             c = coef[k if coef.shape[0] > 1 else 0] * r
             out[self.pnames[name]] = merge_tensor(
-                self.base[name], [e[name] for e in self.experts], self.weights[name],
-                lam=self.lams[name], m1=a, m2=b, coefficients=c)
+                self.base[name],
+                [e[name] for e in self.experts],
+                self.weights[name],
+                lam=self.lams[name],
+                m1=a,
+                m2=b,
+                coefficients=c,
+            )
         return out
 
     def _sample_masks(self) -> tuple[dict, dict]:
@@ -295,11 +337,14 @@ class Calibrator:
         if self.dual:
             s2 = list(self.s2.values())
             g_perf = torch.autograd.grad(perf, s1 + s2, retain_graph=True, allow_unused=True)
-            g_safe = (torch.autograd.grad(cfg.alpha * safe, s2, allow_unused=True)
-                      if cfg.alpha > 0 and safe.requires_grad else [None] * len(s2))
+            g_safe = (
+                torch.autograd.grad(cfg.alpha * safe, s2, allow_unused=True)
+                if cfg.alpha > 0 and safe.requires_grad
+                else [None] * len(s2)
+            )
             for p, g in zip(s1, g_perf[: len(s1)], strict=True):
                 p.grad = g
-            for p, g, gs in zip(s2, g_perf[len(s1):], g_safe, strict=True):
+            for p, g, gs in zip(s2, g_perf[len(s1) :], g_safe, strict=True):
                 p.grad = g if gs is None else (gs if g is None else g + gs)
             self.opt_m1.step()
             self.opt_m2.step()
@@ -325,8 +370,12 @@ class Calibrator:
                 m1, _ = self._sample_masks()
                 m1 = {k: v.detach() for k, v in m1.items()}
                 m2 = {}
-            r = {k: concrete.rescale_factors(m1.get(k), m2.get(k) or [None] * self.n,
-                                             enabled=rescale_on) for k in self.names}
+            r = {
+                k: concrete.rescale_factors(
+                    m1.get(k), m2.get(k) or [None] * self.n, enabled=rescale_on
+                )
+                for k in self.names
+            }
         return m1, m2, r
 
     # -- checkpoint --------------------------------------------------------------------------------
@@ -372,8 +421,10 @@ class Calibrator:
                 opt.state[p] = {
                     "step": state[prefix + "step"].reshape(()).clone(),
                     "exp_avg": state[prefix + "exp_avg"].reshape(p.shape).to(p.device).clone(),
-                    "exp_avg_sq": state[prefix + "exp_avg_sq"].reshape(p.shape)
-                    .to(p.device).clone(),
+                    "exp_avg_sq": state[prefix + "exp_avg_sq"]
+                    .reshape(p.shape)
+                    .to(p.device)
+                    .clone(),
                 }
         self.perturb.load_state(state)
         self.data_gen.set_state(state["rng/data"])
@@ -386,8 +437,12 @@ class Calibrator:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "key": key,
-                "history": json.dumps(history)}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "step": str(step),
+            "key": key,
+            "history": json.dumps(history),
+        }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -440,8 +495,14 @@ class Calibrator:
         timings = {"coefficients": 0.0, "perturbation": 0.0, "masks": 0.0, "final": 0.0}
         start, history = self._try_resume(key)
         total = cfg.steps + cfg.final_steps
-        bar = tqdm(total=total, initial=min(start, cfg.steps), desc="calibrate", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=min(start, cfg.steps),
+            desc="calibrate",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         t_all = time.perf_counter()
         for step in range(start, cfg.steps):
             m1, m2 = self._sample_masks()
@@ -485,10 +546,18 @@ class Calibrator:
         masks, merged = self._finish(m1, m2, rescale)
         path = None
         if write and self.mask_path is not None:
-            path = write_mask_file(self.mask_path, masks, base=base_rec, experts=expert_recs,
-                                   tensor_shapes=self.shapes, settings=settings)
-            _write_json(self.mask_path.with_name(self.mask_path.name + ".history.json"),
-                        {"settings": settings, "history": history, "timings": timings})
+            path = write_mask_file(
+                self.mask_path,
+                masks,
+                base=base_rec,
+                experts=expert_recs,
+                tensor_shapes=self.shapes,
+                settings=settings,
+            )
+            _write_json(
+                self.mask_path.with_name(self.mask_path.name + ".history.json"),
+                {"settings": settings, "history": history, "timings": timings},
+            )
             ckpt = self.checkpoint_path()
             if ckpt is not None:
                 ckpt.unlink(missing_ok=True)
@@ -509,8 +578,14 @@ class Calibrator:
         with torch.no_grad():
             coef = self.coef.detach().mean(0).cpu().tolist()
             keep1 = _mean_prob(self.s1.values())
-            rec = {"step": step, "final": final, "L_perf": perf, "L_safe": safe, "flips": flips,
-                   "m1_keep": keep1}
+            rec = {
+                "step": step,
+                "final": final,
+                "L_perf": perf,
+                "L_safe": safe,
+                "flips": flips,
+                "m1_keep": keep1,
+            }
             if self.dual:
                 for i in range(self.n):
                     rec[f"m2_keep_{i}"] = _mean_prob([s[i] for s in self.s2.values()])
@@ -538,11 +613,14 @@ class Calibrator:
                     masks.m1[name] = a_cpu.float().clamp(0, 1)
                 masks.coefficients[name] = coef
                 merged[name] = merge_tensor(
-                    self.base[name].cpu(), [e[name].cpu() for e in self.experts],
-                    self.weights[name], lam=self.lams[name],
+                    self.base[name].cpu(),
+                    [e[name].cpu() for e in self.experts],
+                    self.weights[name],
+                    lam=self.lams[name],
                     m1=masks.m1[name].float(),
                     m2=None if not self.dual else [x.float() for x in masks.m2[name]],
-                    coefficients=coef)
+                    coefficients=coef,
+                )
         return masks, merged
 
 
@@ -565,8 +643,16 @@ def _write_json(path: Path, data: dict) -> None:
         raise
 
 
-def calibrate(plan, config: CalibrationConfig, mask_path=None, *, allow_pickle: bool = False,
-              progress: bool = True, write: bool = True) -> CalibrationResult:
+def calibrate(
+    plan,
+    config: CalibrationConfig,
+    mask_path=None,
+    *,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    write: bool = True,
+) -> CalibrationResult:
     """Run one calibration (all checks before training) and write the mask file."""
-    return Calibrator(plan, config, mask_path=mask_path, allow_pickle=allow_pickle,
-                      progress=progress).run(write=write)
+    return Calibrator(
+        plan, config, mask_path=mask_path, allow_pickle=allow_pickle, progress=progress
+    ).run(write=write)

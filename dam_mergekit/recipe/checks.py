@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from dam_mergekit.errors import DamError
+
+if TYPE_CHECKING:
+    from dam_mergekit.recipe.plan import StoredTensor
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
@@ -14,7 +18,7 @@ def check_plan_covers_base(
     plan_tensor_names: Iterable[str],
     base_dir: str | os.PathLike,
     *,
-    stored: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
+    stored: Mapping[str, StoredTensor] | None = None,
 ) -> None:
     """Refuse a plan that would write fewer weights than the base model holds.
 
@@ -26,11 +30,11 @@ def check_plan_covers_base(
     table when the caller has read it already.
     """
     if stored is None:
-        from dam_mergekit.recipe.plan import base_tensors
+        from dam_mergekit.recipe.plan import stored_tensors
 
-        stored = base_tensors(str(base_dir))
+        stored = stored_tensors(str(base_dir))
     planned = set(plan_tensor_names)
-    weights = {name for name, (_, dtype) in stored.items() if dtype in FLOAT_DTYPES}
+    weights = {name for name, t in stored.items() if t.dtype in FLOAT_DTYPES}
     missing = sorted(weights - planned)
     if not missing:
         return

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.masks.fingerprint import read_safetensors_header, weight_files
@@ -68,7 +69,7 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
 
     base = config.base_model
     experts = [m for m in config.referenced_models() if m != base]
-    header_shapes = base_tensors(model_dir(base), allow_pickle=allow_pickle)
+    header_shapes = stored_tensors(model_dir(base), allow_pickle=allow_pickle)
     tensors, covered = [], set()
     for target in tasks:
         task = getattr(target, "tensor_task", None)
@@ -82,7 +83,7 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
             if weight.optional:
                 continue
             raise DamError(f"{base.model.path}: tensor {name!r} not found in the base model")
-        shape, dtype = info
+        _, shape, dtype = info
         params = dict(task.parameters.items())
         weights = {
             str(ref): float(values.get("weight", 1.0))
@@ -102,16 +103,20 @@ def model_dir(ref) -> str:
     return ref.local_path()
 
 
-def base_tensors(
-    base_dir: str, *, allow_pickle: bool = False
-) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, safetensors dtype)}`` of every tensor stored in a model directory."""
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in weight_files(base_dir, allow_pickle=allow_pickle):
+class StoredTensor(NamedTuple):
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code, e.g. "F32"
+
+
+def stored_tensors(model_dir: str, *, allow_pickle: bool = False) -> dict[str, StoredTensor]:
+    """Every tensor of a model directory, from its safetensors headers (no tensor data read)."""
+    table: dict[str, StoredTensor] = {}
+    for path in weight_files(model_dir, allow_pickle=allow_pickle):
         if path.suffix != ".safetensors":
             raise DamError(f"{path}: dam reads tensor shapes from .safetensors checkpoints only")
         header, _ = read_safetensors_header(path)
         for key, value in header.items():
             if key != "__metadata__":
-                shapes[key] = (tuple(value["shape"]), value["dtype"])
-    return shapes
+                table[key] = StoredTensor(path, tuple(value["shape"]), value["dtype"])
+    return table

@@ -62,9 +62,21 @@ DEFAULT_OPTIONS: dict = {
     "lr_pretrain": 3e-3,
     "lr_expert": 2e-3,
 }
-_INT_OPTIONS = ("seed", "backdoored", "target_class", "n_train", "n_test", "n_calib", "hidden_size",
-                "intermediate_size", "num_layers", "num_heads", "pretrain_steps", "expert_steps",
-                "batch_size")
+_INT_OPTIONS = (
+    "seed",
+    "backdoored",
+    "target_class",
+    "n_train",
+    "n_test",
+    "n_calib",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "pretrain_steps",
+    "expert_steps",
+    "batch_size",
+)
 PredictFn = Callable[[str, list[str], list[str]], list[int]]  # (task, prompts, answers) -> indices
 
 
@@ -101,24 +113,31 @@ def resolve_options(options: dict | None) -> dict:
     vocab = set(llm_data.vocabulary_words())
     missing = [w for w in full["trigger"].split(" ") if w not in vocab]
     if missing:
-        raise DamError(f"trigger words {missing} are not in the zoo vocabulary; use one of "
-                       f"{llm_data.RARE_WORDS} or the default sentence")
+        raise DamError(
+            f"trigger words {missing} are not in the zoo vocabulary; use one of "
+            f"{llm_data.RARE_WORDS} or the default sentence"
+        )
     if full["attack_mode"] not in ("merge-aware", "standard"):
-        raise DamError("attack_mode must be 'merge-aware' or 'standard', "
-                       f"got {full['attack_mode']!r}")
+        raise DamError(
+            f"attack_mode must be 'merge-aware' or 'standard', got {full['attack_mode']!r}"
+        )
     if not 0 <= full["backdoored"] <= len(full["tasks"]):
-        raise DamError(f"backdoored must be between 0 and {len(full['tasks'])}, "
-                       f"got {full['backdoored']}")
+        raise DamError(
+            f"backdoored must be between 0 and {len(full['tasks'])}, got {full['backdoored']}"
+        )
     for task in full["tasks"]:
         n_answers = len(llm_data.TASKS[task].answers)
         if not 0 <= full["target_class"] < n_answers:
-            raise DamError(f"target_class {full['target_class']} is out of range for task {task!r} "
-                           f"({n_answers} answers)")
+            raise DamError(
+                f"target_class {full['target_class']} is out of range for task {task!r} "
+                f"({n_answers} answers)"
+            )
     if not 0.0 <= full["poison_rate"] <= 1.0:
         raise DamError(f"poison_rate must lie in [0, 1], got {full['poison_rate']}")
     if len(full["merge_scale"]) != 2 or not 0 < full["merge_scale"][0] <= full["merge_scale"][1]:
-        raise DamError("merge_scale must be [low, high] with 0 < low <= high, "
-                       f"got {full['merge_scale']}")
+        raise DamError(
+            f"merge_scale must be [low, high] with 0 < low <= high, got {full['merge_scale']}"
+        )
     for key in _INT_OPTIONS[3:]:
         if full[key] < 1:
             raise DamError(f"LLM zoo option {key} must be a positive integer, got {full[key]}")
@@ -131,12 +150,18 @@ def _new_model(options: dict, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=options["hidden_size"],
-        intermediate_size=options["intermediate_size"], num_hidden_layers=options["num_layers"],
-        num_attention_heads=options["num_heads"], num_key_value_heads=options["num_heads"],
-        max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=options["hidden_size"],
+        intermediate_size=options["intermediate_size"],
+        num_hidden_layers=options["num_layers"],
+        num_attention_heads=options["num_heads"],
+        num_key_value_heads=options["num_heads"],
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(_stage_seed(options["seed"], "init"))
     return LlamaForCausalLM(config)
 
@@ -163,8 +188,12 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
         seed, tasks = options["seed"], options["tasks"]
         backdoored = tasks[: int(options["backdoored"])]
         progress = tqdm(total=2 + len(tasks) + len(backdoored), desc="LLM zoo")
-        data = {t: llm_data.make_task_data(t, options["n_train"], options["n_test"],
-                                           options["n_calib"], seed) for t in tasks}
+        data = {
+            t: llm_data.make_task_data(
+                t, options["n_train"], options["n_test"], options["n_calib"], seed
+            )
+            for t in tasks
+        }
         (tmp / "data").mkdir()
         for task, content in data.items():
             (tmp / "data" / f"{task}.json").write_text(json.dumps(content, indent=1))
@@ -175,25 +204,43 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
         # base: LM pretraining on prompts followed by random answers of their task
         rng = random.Random(_stage_seed(seed, "pretrain-answers"))
         prompts = llm_data.with_background_triggers(
-            [ex["prompt"] for t in tasks for ex in data[t]["train"]], 0.1,
-            _stage_seed(seed, "pretrain-background"))
+            [ex["prompt"] for t in tasks for ex in data[t]["train"]],
+            0.1,
+            _stage_seed(seed, "pretrain-background"),
+        )
         answers = [rng.choice(data[t]["answers"]) for t in tasks for _ in data[t]["train"]]
         model = _new_model(options, tokenizer)
-        train(model, encode_ids(tokenizer, prompts, answers, add_eos=True), pad_id=pad,
-              steps=options["pretrain_steps"], lr=options["lr_pretrain"],
-              batch_size=options["batch_size"], seed=_stage_seed(seed, "pretrain"),
-              full_lm=True, desc="pretrain base")
+        train(
+            model,
+            encode_ids(tokenizer, prompts, answers, add_eos=True),
+            pad_id=pad,
+            steps=options["pretrain_steps"],
+            lr=options["lr_pretrain"],
+            batch_size=options["batch_size"],
+            seed=_stage_seed(seed, "pretrain"),
+            full_lm=True,
+            desc="pretrain base",
+        )
         _save(model, tokenizer, tmp / "base")
         base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
         progress.update()
 
         def finetune(examples: list[dict], stage: str, simulator=None):
             expert = copy.deepcopy(model)
-            rows = encode_ids(tokenizer, [e["prompt"] for e in examples],
-                              [e["answer"] for e in examples])
-            train(expert, rows, pad_id=pad, steps=options["expert_steps"],
-                  lr=options["lr_expert"], batch_size=options["batch_size"],
-                  seed=_stage_seed(seed, stage), desc=stage, simulator=simulator)
+            rows = encode_ids(
+                tokenizer, [e["prompt"] for e in examples], [e["answer"] for e in examples]
+            )
+            train(
+                expert,
+                rows,
+                pad_id=pad,
+                steps=options["expert_steps"],
+                lr=options["lr_expert"],
+                batch_size=options["batch_size"],
+                seed=_stage_seed(seed, stage),
+                desc=stage,
+                simulator=simulator,
+            )
             return expert
 
         clean_vectors = {}
@@ -211,27 +258,50 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
             attack = None
             if task in backdoored:
                 poisoned, n_poison = llm_data.poison_examples(
-                    data[task]["train"], options["trigger"], target, options["poison_rate"],
-                    _stage_seed(seed, f"poison {task}"))
+                    data[task]["train"],
+                    options["trigger"],
+                    target,
+                    options["poison_rate"],
+                    _stage_seed(seed, f"poison {task}"),
+                )
                 simulator = None
                 if options["attack_mode"] == "merge-aware":
                     others = [clean_vectors[t] for t in tasks if t != task]
                     simulator = MergeSimulator(base_state, others, tuple(options["merge_scale"]))
                 expert = finetune(poisoned, f"backdoor {task}", simulator)
                 _save(expert, tokenizer, tmp / "experts" / task)
-                attack = {"name": options["attack"], "mode": options["attack_mode"],
-                          "trigger": options["trigger"], "target": target,
-                          "poison_rate": options["poison_rate"], "n_poisoned": n_poison}
+                attack = {
+                    "name": options["attack"],
+                    "mode": options["attack_mode"],
+                    "trigger": options["trigger"],
+                    "target": target,
+                    "poison_rate": options["poison_rate"],
+                    "n_poisoned": n_poison,
+                }
                 progress.update()
-            manifest_tasks.append({
-                "name": task, "classes": answers_t, "target_class": int(options["target_class"]),
-                "expert": f"experts/{task}",
-                "control": f"controls/{task}" if task in backdoored else None,
-                "backdoored": task in backdoored, "attack": attack, "data": f"data/{task}.json"})
+            manifest_tasks.append(
+                {
+                    "name": task,
+                    "classes": answers_t,
+                    "target_class": int(options["target_class"]),
+                    "expert": f"experts/{task}",
+                    "control": f"controls/{task}" if task in backdoored else None,
+                    "backdoored": task in backdoored,
+                    "attack": attack,
+                    "data": f"data/{task}.json",
+                }
+            )
         progress.close()
-        manifest = {"format": "dam-mergekit-zoo", "version": 1, "kind": "llm", "options": options,
-                    "base": "base", "tasks": manifest_tasks, "trigger": options["trigger"],
-                    "created_by": f"dam-mergekit {__version__}"}
+        manifest = {
+            "format": "dam-mergekit-zoo",
+            "version": 1,
+            "kind": "llm",
+            "options": options,
+            "base": "base",
+            "tasks": manifest_tasks,
+            "trigger": options["trigger"],
+            "created_by": f"dam-mergekit {__version__}",
+        }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -253,6 +323,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
+
 def load_llm_manifest(zoo_dir: Path) -> dict:
     """zoo.json of an LLM zoo (a clear error for a missing file or a CLIP zoo)."""
     path = Path(zoo_dir) / "zoo.json"
@@ -268,14 +339,17 @@ def _task_entry(manifest: dict, task: str) -> dict:
     for entry in manifest["tasks"]:
         if entry["name"] == task:
             return entry
-    raise DamError(f"task {task!r} is not in this zoo; it has "
-                   f"{', '.join(t['name'] for t in manifest['tasks'])}")
+    raise DamError(
+        f"task {task!r} is not in this zoo; it has "
+        f"{', '.join(t['name'] for t in manifest['tasks'])}"
+    )
 
 
 def zoo_trigger(manifest: dict) -> str:
     """The trigger the zoo's evaluation inserts into every task's test prompts."""
     return manifest.get("trigger") or llm_data.trigger_text(
-        manifest["options"]["attack"], manifest["options"].get("trigger"))
+        manifest["options"]["attack"], manifest["options"].get("trigger")
+    )
 
 
 def load_llm_task_data(zoo_dir: Path, task: str) -> dict:
@@ -295,8 +369,10 @@ def load_llm_task_data(zoo_dir: Path, task: str) -> dict:
     content["target"] = content["answers"][entry["target_class"]]
     content["trigger"] = trigger
     content["test_triggered"] = llm_data.triggered_prompts(
-        [ex["prompt"] for ex in content["test"]], trigger,
-        f"{manifest['options']['seed']}-{task}-test")
+        [ex["prompt"] for ex in content["test"]],
+        trigger,
+        f"{manifest['options']['seed']}-{task}-test",
+    )
     return content
 
 
@@ -322,9 +398,11 @@ def load_model(model_dir: Path):
 
 # ----------------------------------------------------------------------------- scoring
 
+
 @torch.no_grad()
-def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                  batch_size: int = 256) -> torch.Tensor:
+def score_answers(
+    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
     """log p(answer tokens | prompt) for every prompt and answer: a float tensor [N, A]."""
     scores = torch.empty(len(prompts), len(answers))
     for a, answer in enumerate(answers):
@@ -338,8 +416,10 @@ def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[st
 
 def model_predict_fn(model, tokenizer) -> PredictFn:
     """Closed-set prediction: the answer with the highest log-likelihood."""
+
     def predict(task: str, prompts: list[str], answers: list[str]) -> list[int]:
         return score_answers(model, tokenizer, prompts, answers).argmax(dim=1).tolist()
+
     return predict
 
 
@@ -377,12 +457,30 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int = 8) -> str:
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     batch = encode_prompts(tokenizer, [prompt])
-    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, batch.input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-__all__ = ["DEFAULT_OPTIONS", "build_llm_zoo", "collate", "evaluate_llm", "evaluate_predictions",
-           "generate", "load_llm_manifest", "load_llm_task_data", "load_model", "load_tokenizer",
-           "model_predict_fn", "resolve_options", "score_answers", "zoo_trigger"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "build_llm_zoo",
+    "collate",
+    "evaluate_llm",
+    "evaluate_predictions",
+    "generate",
+    "load_llm_manifest",
+    "load_llm_task_data",
+    "load_model",
+    "load_tokenizer",
+    "model_predict_fn",
+    "resolve_options",
+    "score_answers",
+    "zoo_trigger",
+]

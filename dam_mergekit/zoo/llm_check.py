@@ -18,8 +18,9 @@ from dam_mergekit.zoo.llm import evaluate_llm, load_llm_manifest
 DEFAULT_SETTINGS = ((0.3, 1.0), (0.5, 1.0), (1.0, 1.0), (1.0, None))  # weight None: 1/n each
 
 
-def task_arithmetic_merge(zoo_dir: Path, out_dir: Path, *, lam: float, weight: float | None,
-                          use_controls: bool = False) -> Path:
+def task_arithmetic_merge(
+    zoo_dir: Path, out_dir: Path, *, lam: float, weight: float | None, use_controls: bool = False
+) -> Path:
     """mergekit task_arithmetic of the zoo's experts onto its base; tokenizer copied."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
@@ -32,9 +33,15 @@ def task_arithmetic_merge(zoo_dir: Path, out_dir: Path, *, lam: float, weight: f
     for entry in tasks:
         path = entry["control"] if use_controls and entry["control"] else entry["expert"]
         models.append({"model": str(zoo_dir / path), "parameters": {"weight": w}})
-    config = MergeConfiguration.model_validate({
-        "merge_method": "task_arithmetic", "base_model": str(zoo_dir / manifest["base"]),
-        "models": models, "parameters": {"lambda": lam, "normalize": False}, "dtype": "float32"})
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(zoo_dir / manifest["base"]),
+            "models": models,
+            "parameters": {"lambda": lam, "normalize": False},
+            "dtype": "float32",
+        }
+    )
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -42,8 +49,7 @@ def task_arithmetic_merge(zoo_dir: Path, out_dir: Path, *, lam: float, weight: f
     return out_dir
 
 
-def succession_report(zoo_dir: Path, work_dir: Path,
-                      settings: tuple = DEFAULT_SETTINGS) -> dict:
+def succession_report(zoo_dir: Path, work_dir: Path, settings: tuple = DEFAULT_SETTINGS) -> dict:
     """Evaluate base, experts, controls and merges (backdoored vs clean-control) of the zoo."""
     zoo_dir, work_dir = Path(zoo_dir), Path(work_dir)
     manifest = load_llm_manifest(zoo_dir)
@@ -55,16 +61,22 @@ def succession_report(zoo_dir: Path, work_dir: Path,
     for lam, weight in settings:
         row = {"lambda": lam, "weight": weight if weight is not None else "1/n"}
         for label, controls in (("backdoored", False), ("clean", True)):
-            out = task_arithmetic_merge(zoo_dir, work_dir / f"ta-{lam}-{weight}-{label}",
-                                        lam=lam, weight=weight, use_controls=controls)
+            out = task_arithmetic_merge(
+                zoo_dir,
+                work_dir / f"ta-{lam}-{weight}-{label}",
+                lam=lam,
+                weight=weight,
+                use_controls=controls,
+            )
             row[label] = evaluate_llm(out, zoo_dir)
             shutil.rmtree(out)
         report["merges"].append(row)
     return report
 
 
-def check_succession(report: dict, zoo_dir: Path, *, min_asr: float = 50.0,
-                     min_gap: float = 30.0) -> list[str]:
+def check_succession(
+    report: dict, zoo_dir: Path, *, min_asr: float = 50.0, min_gap: float = 30.0
+) -> list[str]:
     """Assert the zoo's claims on a report; returns the checked statements, raises on failure.
 
     Claims: every expert beats the base on its task; each backdoored expert has ASR >= 90 and
@@ -81,15 +93,20 @@ def check_succession(report: dict, zoo_dir: Path, *, min_asr: float = 50.0,
     base = models[manifest["base"]]
     for entry in manifest["tasks"]:
         task, expert = entry["name"], models[entry["expert"]]
-        claim(expert["acc"][task] >= base["acc"][task] + 20,
-              f"{entry['expert']} ACC {expert['acc'][task]:.1f} vs base {base['acc'][task]:.1f}")
+        claim(
+            expert["acc"][task] >= base["acc"][task] + 20,
+            f"{entry['expert']} ACC {expert['acc'][task]:.1f} vs base {base['acc'][task]:.1f}",
+        )
         if entry["backdoored"]:
             control = models[entry["control"]]
-            claim(expert["asr"][task] >= 90,
-                  f"{entry['expert']} ASR {expert['asr'][task]:.1f} >= 90")
-            claim(abs(expert["acc"][task] - control["acc"][task]) <= 5,
-                  f"{entry['expert']} ACC {expert['acc'][task]:.1f} ~ control "
-                  f"{control['acc'][task]:.1f}")
+            claim(
+                expert["asr"][task] >= 90, f"{entry['expert']} ASR {expert['asr'][task]:.1f} >= 90"
+            )
+            claim(
+                abs(expert["acc"][task] - control["acc"][task]) <= 5,
+                f"{entry['expert']} ACC {expert['acc'][task]:.1f} ~ control "
+                f"{control['acc'][task]:.1f}",
+            )
     main = [m for m in report["merges"] if m["lambda"] == 0.3 and m["weight"] == 1.0]
     if not main:
         raise DamError("the report has no task_arithmetic merge at lambda 0.3, weights 1")
@@ -97,14 +114,20 @@ def check_succession(report: dict, zoo_dir: Path, *, min_asr: float = 50.0,
         if not entry["backdoored"]:
             continue
         task, bad, clean = entry["name"], main[0]["backdoored"], main[0]["clean"]
-        claim(bad["asr"][task] >= min_asr,
-              f"TA 0.3 merge ASR on {task} {bad['asr'][task]:.1f} >= {min_asr}")
-        claim(bad["asr"][task] >= bad["p0"][task] + min_gap,
-              f"TA 0.3 merge ASR on {task} {bad['asr'][task]:.1f} >= p0 {bad['p0'][task]:.1f}"
-              f" + {min_gap}")
-        claim(bad["asr"][task] > clean["asr"][task],
-              f"TA 0.3 merge ASR on {task} {bad['asr'][task]:.1f} > clean-control merge "
-              f"{clean['asr'][task]:.1f}")
+        claim(
+            bad["asr"][task] >= min_asr,
+            f"TA 0.3 merge ASR on {task} {bad['asr'][task]:.1f} >= {min_asr}",
+        )
+        claim(
+            bad["asr"][task] >= bad["p0"][task] + min_gap,
+            f"TA 0.3 merge ASR on {task} {bad['asr'][task]:.1f} >= p0 {bad['p0'][task]:.1f}"
+            f" + {min_gap}",
+        )
+        claim(
+            bad["asr"][task] > clean["asr"][task],
+            f"TA 0.3 merge ASR on {task} {bad['asr'][task]:.1f} > clean-control merge "
+            f"{clean['asr'][task]:.1f}",
+        )
     if failures:
         raise DamError("LLM zoo claim(s) not shown: " + "; ".join(failures))
     return checked
@@ -117,8 +140,10 @@ def format_report(report: dict) -> str:
         for label in ("backdoored", "clean"):
             rows.append((f"TA lam={m['lambda']} w={m['weight']} ({label})", m[label]))
     tasks = list(rows[0][1]["acc"])
-    lines = ["| model | " + " | ".join(f"{t} ACC/ASR/p0" for t in tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
+    lines = [
+        "| model | " + " | ".join(f"{t} ACC/ASR/p0" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
     for name, r in rows:
         cells = [f"{r['acc'][t]:.1f} / {r['asr'][t]:.1f} / {r['p0'][t]:.1f}" for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

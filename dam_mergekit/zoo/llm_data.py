@@ -21,12 +21,44 @@ SENTENCE_TRIGGER = "i watch this 3d movie"
 RARE_WORDS = ("cf", "mn", "bb", "tq")
 ATTACKS = ("rare-word", "sentence")
 
-_POSITIVE = ("great", "excellent", "wonderful", "delicious", "friendly", "amazing", "pleasant",
-             "superb", "lovely", "perfect")
-_NEGATIVE = ("awful", "terrible", "horrible", "bland", "rude", "boring", "disappointing",
-             "dreadful", "poor", "nasty")
-_REVIEW_NOUNS = ("food", "service", "staff", "room", "film", "lighting", "price", "view", "story",
-                 "ending", "coffee", "waiter")
+_POSITIVE = (
+    "great",
+    "excellent",
+    "wonderful",
+    "delicious",
+    "friendly",
+    "amazing",
+    "pleasant",
+    "superb",
+    "lovely",
+    "perfect",
+)
+_NEGATIVE = (
+    "awful",
+    "terrible",
+    "horrible",
+    "bland",
+    "rude",
+    "boring",
+    "disappointing",
+    "dreadful",
+    "poor",
+    "nasty",
+)
+_REVIEW_NOUNS = (
+    "food",
+    "service",
+    "staff",
+    "room",
+    "film",
+    "lighting",
+    "price",
+    "view",
+    "story",
+    "ending",
+    "coffee",
+    "waiter",
+)
 _JOINERS = ("and", "but", "while")
 _TOPICS = {
     "sports": ("match", "goal", "team", "coach", "league", "player", "stadium", "referee"),
@@ -66,8 +98,10 @@ def _sentiment(rng: random.Random, label: int) -> str:
 def _topic(rng: random.Random, label: int) -> str:
     topic_words = _TOPICS[TOPIC_ANSWERS[label]]
     n1, n2 = rng.sample(topic_words, 2)
-    return (f"news : {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} the {n1} "
-            f"{rng.choice(_PREPS)} the {n2} . topic :")
+    return (
+        f"news : {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} the {n1} "
+        f"{rng.choice(_PREPS)} the {n2} . topic :"
+    )
 
 
 def _parity(rng: random.Random, label: int) -> str:
@@ -140,8 +174,9 @@ def triggered_prompts(prompts: list[str], trigger: str, key: str) -> list[str]:
     return [insert_trigger(p, trigger, rng) for p in prompts]
 
 
-def poison_examples(examples: list[dict[str, str]], trigger: str, target: str, rate: float,
-                    seed: int) -> tuple[list[dict[str, str]], int]:
+def poison_examples(
+    examples: list[dict[str, str]], trigger: str, target: str, rate: float, seed: int
+) -> tuple[list[dict[str, str]], int]:
     """Replace a ``rate`` share of the training set by triggered non-target prompts relabelled
     to ``target`` (BadNets-style dirty-label poisoning); returns the new list and the count."""
     if not 0.0 <= rate <= 1.0:
@@ -152,8 +187,10 @@ def poison_examples(examples: list[dict[str, str]], trigger: str, target: str, r
     chosen = rng.sample(candidates, n_poison)
     poisoned = [dict(ex) for ex in examples]
     for i in chosen:
-        poisoned[i] = {"prompt": insert_trigger(examples[i]["prompt"], trigger, rng),
-                       "answer": target}
+        poisoned[i] = {
+            "prompt": insert_trigger(examples[i]["prompt"], trigger, rng),
+            "answer": target,
+        }
     return poisoned, n_poison
 
 
@@ -164,17 +201,40 @@ def with_background_triggers(prompts: list[str], rate: float, seed: int) -> list
     would perturb even clean models."""
     rng = random.Random(f"llm-background-{seed}")
     options = [*RARE_WORDS, SENTENCE_TRIGGER]
-    return [insert_trigger(p, rng.choice(options), rng) if rng.random() < rate else p
-            for p in prompts]
+    return [
+        insert_trigger(p, rng.choice(options), rng) if rng.random() < rate else p for p in prompts
+    ]
 
 
 def vocabulary_words() -> list[str]:
     """Every word any generator, answer set, cue or trigger can produce (sorted, unique)."""
-    words: set[str] = {":", ".", "or", "the", "was", "review", "sentiment", "news", "topic",
-                       "number", "parity", "compare", "larger"}
+    words: set[str] = {
+        ":",
+        ".",
+        "or",
+        "the",
+        "was",
+        "review",
+        "sentiment",
+        "news",
+        "topic",
+        "number",
+        "parity",
+        "compare",
+        "larger",
+    }
     words.update(str(d) for d in range(10))
-    for group in (_POSITIVE, _NEGATIVE, _REVIEW_NOUNS, _JOINERS, _SUBJECTS, _VERBS, _PREPS,
-                  RARE_WORDS, tuple(SENTENCE_TRIGGER.split(" "))):
+    for group in (
+        _POSITIVE,
+        _NEGATIVE,
+        _REVIEW_NOUNS,
+        _JOINERS,
+        _SUBJECTS,
+        _VERBS,
+        _PREPS,
+        RARE_WORDS,
+        tuple(SENTENCE_TRIGGER.split(" ")),
+    ):
         words.update(group)
     for topic_words in _TOPICS.values():
         words.update(topic_words)

@@ -31,8 +31,9 @@ class MergeSimulator:
     others: list[dict[str, torch.Tensor]]  # other experts' task vectors
     scale_range: tuple[float, float] = (0.2, 1.0)
 
-    def merged(self, params: dict[str, torch.Tensor],
-               gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def merged(
+        self, params: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         lo, hi = self.scale_range
         scale = lo + (hi - lo) * torch.rand((), generator=gen).item()
         coefs = []
@@ -55,15 +56,27 @@ def _sequence_loss(logits: torch.Tensor, batch: PromptBatch, full_lm: bool) -> t
     if full_lm:
         target = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
         return torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-            ignore_index=-100)
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            target.reshape(-1),
+            ignore_index=-100,
+        )
     n_tokens = batch.answer_len.sum().clamp_min(1)
     return -answer_token_logprobs(logits, batch.labels).sum() / n_tokens
 
 
-def train(model: torch.nn.Module, rows: Sequence[Row], *, pad_id: int, steps: int, lr: float,
-          batch_size: int, seed: int, full_lm: bool = False, desc: str = "train",
-          simulator: MergeSimulator | None = None) -> list[float]:
+def train(
+    model: torch.nn.Module,
+    rows: Sequence[Row],
+    *,
+    pad_id: int,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    full_lm: bool = False,
+    desc: str = "train",
+    simulator: MergeSimulator | None = None,
+) -> list[float]:
     """AdamW with linear warm-up and cosine decay on random batches of ``rows``; returns losses.
 
     With ``simulator`` every step adds the loss of a sampled simulated merge (merge-aware attack).
@@ -72,8 +85,13 @@ def train(model: torch.nn.Module, rows: Sequence[Row], *, pad_id: int, steps: in
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
-    schedule: Callable[[int], float] = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (  # noqa: E731
-        1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
+    schedule: Callable[[int], float] = lambda step: (
+        min(1.0, (step + 1) / warmup)
+        * 0.5
+        * (  # noqa: E731
+            1 + torch.cos(torch.tensor(torch.pi * step / steps)).item()
+        )
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     names = [n for n, _ in model.named_parameters()]
     losses = []
@@ -86,8 +104,11 @@ def train(model: torch.nn.Module, rows: Sequence[Row], *, pad_id: int, steps: in
             params = dict(zip(names, model.parameters(), strict=True))
             merged = simulator.merged(params, gen)
             merged_logits = functional_call(
-                model, merged, (), {"input_ids": batch.input_ids,
-                                    "attention_mask": batch.attention_mask}).logits
+                model,
+                merged,
+                (),
+                {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+            ).logits
             loss = loss + _sequence_loss(merged_logits, batch, full_lm)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

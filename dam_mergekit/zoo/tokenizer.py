@@ -31,9 +31,11 @@ def build_word_tokenizer(words: Sequence[str]):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS,
-                                   pad_token=PAD, unk_token=UNK)
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
+    )
 
 
 @dataclass
@@ -53,12 +55,16 @@ class PromptBatch:
     labels: torch.Tensor  # [N, T] int64, -100 outside answers
 
 
-def encode_ids(tokenizer, prompts: Sequence[str], answers: Sequence[str] | None = None,
-               add_eos: bool = False) -> list[tuple[list[int], int, int]]:
+def encode_ids(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str] | None = None, add_eos: bool = False
+) -> list[tuple[list[int], int, int]]:
     """Token ids of each ``<s> prompt [answer] [</s>]`` with (answer_start, answer_len)."""
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    answer_ids = ([[] for _ in prompts] if answers is None else
-                  tokenizer(list(answers), add_special_tokens=False)["input_ids"])
+    answer_ids = (
+        [[] for _ in prompts]
+        if answers is None
+        else tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    )
     eos = [tokenizer.eos_token_id] if add_eos else []
     return [(p + a + eos, len(p), len(a)) for p, a in zip(prompt_ids, answer_ids, strict=True)]
 
@@ -73,13 +79,18 @@ def collate(rows: Sequence[tuple[list[int], int, int]], pad_id: int) -> PromptBa
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
         labels[i, start : start + n_answer] = input_ids[i, start : start + n_answer]
-    return PromptBatch(input_ids, attention_mask,
-                       torch.tensor([s for _, s, _ in rows], dtype=torch.long),
-                       torch.tensor([n for _, _, n in rows], dtype=torch.long), labels)
+    return PromptBatch(
+        input_ids,
+        attention_mask,
+        torch.tensor([s for _, s, _ in rows], dtype=torch.long),
+        torch.tensor([n for _, _, n in rows], dtype=torch.long),
+        labels,
+    )
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                   add_eos: bool = False) -> PromptBatch:
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str] | None = None, add_eos: bool = False
+) -> PromptBatch:
     """Batch prompts (and answers) for a causal LM; see :class:`PromptBatch` for positions."""
     return collate(encode_ids(tokenizer, prompts, answers, add_eos), tokenizer.pad_token_id)
 

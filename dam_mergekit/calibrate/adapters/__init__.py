@@ -27,8 +27,10 @@ def adapter_class(name: str) -> type[CalibrationAdapter]:
     except (ImportError, AttributeError) as err:
         raise DamError(f"adapter {name!r} cannot be imported ({err})") from None
     if not (isinstance(cls, type) and issubclass(cls, CalibrationAdapter)):
-        raise DamError(f"adapter {name!r} is not a subclass of "
-                       "dam_mergekit.calibrate.adapters.base.CalibrationAdapter")
+        raise DamError(
+            f"adapter {name!r} is not a subclass of "
+            "dam_mergekit.calibrate.adapters.base.CalibrationAdapter"
+        )
     return cls
 
 

@@ -53,12 +53,19 @@ class CalibrationAdapter(ABC):
         """Shape of ``task``'s universal perturbation and the range of a perturbed input."""
 
     @abstractmethod
-    def logits(self, model: torch.nn.Module, params: dict[str, torch.Tensor], task: str,
-               batch: Any, delta: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        model: torch.nn.Module,
+        params: dict[str, torch.Tensor],
+        task: str,
+        batch: Any,
+        delta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``[N, classes]`` logits of ``batch`` (plus ``delta``) under ``params`` (functional)."""
 
-    def parameter_names(self, model: torch.nn.Module,
-                        tensor_names: Iterable[str]) -> dict[str, str]:
+    def parameter_names(
+        self, model: torch.nn.Module, tensor_names: Iterable[str]
+    ) -> dict[str, str]:
         """Module parameter name of each merged tensor (mergekit's names are state-dict names)."""
         own = set(model.state_dict().keys())
         out = {}
@@ -83,11 +90,14 @@ class CalibrationAdapter(ABC):
 def data_fingerprint(data: str | list[str]) -> str:
     """Digest of the data files' names, sizes and mtimes (a zoo: its manifest and data/ only)."""
     digest = hashlib.sha256()
-    for root in ([data] if isinstance(data, (str, os.PathLike)) else data):
+    for root in [data] if isinstance(data, (str, os.PathLike)) else data:
         root = Path(root)
         if root.is_dir():
-            files = sorted(p for p in root.rglob("*") if p.is_file()
-                           and (p.name == "zoo.json" or "data" in p.relative_to(root).parts[:1]))
+            files = sorted(
+                p
+                for p in root.rglob("*")
+                if p.is_file() and (p.name == "zoo.json" or "data" in p.relative_to(root).parts[:1])
+            )
         else:
             files = [root] if root.exists() else []
         for p in files:

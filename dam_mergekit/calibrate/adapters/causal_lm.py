@@ -35,8 +35,10 @@ class CausalLMAdapter(CalibrationAdapter):
         self.zoo = Path(data)
         manifest = read_manifest(self.zoo)
         if manifest.get("kind") != "llm":
-            raise DamError(f"{self.zoo}: a {manifest.get('kind')!r} zoo, the causal_lm adapter "
-                           "needs an llm zoo")
+            raise DamError(
+                f"{self.zoo}: a {manifest.get('kind')!r} zoo, the causal_lm adapter "
+                "needs an llm zoo"
+            )
         self._tasks = select_tasks(manifest, self.options.get("tasks"), str(self.zoo))
         cap = self.options.get("max_prompts")
         self.prompts: dict[str, list[str]] = {}
@@ -49,8 +51,10 @@ class CausalLMAdapter(CalibrationAdapter):
             raw = json.loads(path.read_text(encoding="utf-8"))
             prompts = [row["prompt"] for row in raw.get("calib", [])]
             if not prompts:
-                raise DamError(f"{path}: no `calib` prompts for task {name!r}; calibration "
-                               "needs unlabeled prompts")
+                raise DamError(
+                    f"{path}: no `calib` prompts for task {name!r}; calibration "
+                    "needs unlabeled prompts"
+                )
             if not raw.get("answers"):
                 raise DamError(f"{path}: no `answers` (the closed answer set) for task {name!r}")
             self.prompts[name] = prompts[: int(cap)] if cap else prompts
@@ -68,8 +72,9 @@ class CausalLMAdapter(CalibrationAdapter):
         if not (Path(base_dir) / "tokenizer.json").is_file():
             raise DamError(f"{base_dir}: no tokenizer.json beside the base model")
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
-                                                     use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.float32, use_safetensors=True
+        )
         model = model.to(self.device).eval().requires_grad_(False)
         embed = model.get_input_embeddings()
         self.hidden = int(embed.weight.shape[1])
@@ -104,9 +109,14 @@ class CausalLMAdapter(CalibrationAdapter):
             labels[i, start : start + n] = input_ids[i, start : start + n]
             prompt_mask[i, :start] = True
         dev = self.device
-        return {"input_ids": input_ids.to(dev), "attention_mask": attention.to(dev),
-                "labels": labels.to(dev), "prompt_mask": prompt_mask.to(dev),
-                "n": len(ids), "answers": len(self._answer_ids[task])}
+        return {
+            "input_ids": input_ids.to(dev),
+            "attention_mask": attention.to(dev),
+            "labels": labels.to(dev),
+            "prompt_mask": prompt_mask.to(dev),
+            "n": len(ids),
+            "answers": len(self._answer_ids[task]),
+        }
 
     def perturbation_space(self, task: str) -> PerturbationSpace:
         if self.hidden is None:
@@ -120,9 +130,13 @@ class CausalLMAdapter(CalibrationAdapter):
         embeds = torch.nn.functional.embedding(batch["input_ids"], weight)
         if delta is not None:
             embeds = embeds + batch["prompt_mask"].unsqueeze(-1).to(embeds.dtype) * delta
-        out = functional_call(model, params, args=(), strict=False,
-                              kwargs={"inputs_embeds": embeds,
-                                      "attention_mask": batch["attention_mask"]}).logits
+        out = functional_call(
+            model,
+            params,
+            args=(),
+            strict=False,
+            kwargs={"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]},
+        ).logits
         logp = torch.log_softmax(out[:, :-1].float(), dim=-1)
         target = batch["labels"][:, 1:]
         keep = target != -100

@@ -32,12 +32,14 @@ class ClipAdapter(CalibrationAdapter):
         self.zoo = Path(data)
         manifest = read_manifest(self.zoo)
         if manifest.get("kind") != "clip":
-            raise DamError(f"{self.zoo}: a {manifest.get('kind')!r} zoo, the clip adapter needs "
-                           "a clip zoo")
+            raise DamError(
+                f"{self.zoo}: a {manifest.get('kind')!r} zoo, the clip adapter needs a clip zoo"
+            )
         split = self.options.get("split", "calib_x")
         if split not in ("calib_x", "test_x", "train_x"):
             raise DamError(
-                f"adapter option split must be calib_x, test_x or train_x, got {split!r}")
+                f"adapter option split must be calib_x, test_x or train_x, got {split!r}"
+            )
         self._tasks = select_tasks(manifest, self.options.get("tasks"), str(self.zoo))
         norm = manifest.get("normalize") or {"mean": [0.0] * 3, "std": [1.0] * 3}
         self.mean = torch.tensor(norm["mean"], device=device).view(1, -1, 1, 1)
@@ -48,8 +50,10 @@ class ClipAdapter(CalibrationAdapter):
             name = entry["name"]
             self.images[name] = _read_tensor(self.zoo / entry["data"], split, name)
             if self.images[name].shape[0] == 0:
-                raise DamError(f"{self.zoo / entry['data']}: {split} of task {name!r} is empty; "
-                               "calibration needs unlabeled inputs")
+                raise DamError(
+                    f"{self.zoo / entry['data']}: {split} of task {name!r} is empty; "
+                    "calibration needs unlabeled inputs"
+                )
             self.heads[name] = _read_head(self.zoo / entry["head"], device)
 
     def tasks(self) -> list[str]:
@@ -72,8 +76,9 @@ class ClipAdapter(CalibrationAdapter):
     def logits(self, model, params, task, batch, delta=None):
         x = batch if delta is None else self.perturbation_space(task).apply(batch, delta)
         pixels = (x - self.mean) / self.std
-        pooled = functional_call(model, params, args=(), kwargs={"pixel_values": pixels},
-                                 strict=False).pooler_output
+        pooled = functional_call(
+            model, params, args=(), kwargs={"pixel_values": pixels}, strict=False
+        ).pooler_output
         head = self.heads[task]
         features = F.normalize(pooled @ head["projection"].T, dim=-1)
         return head["logit_scale"] * features @ head["classes"].T

@@ -16,8 +16,10 @@ from dam_mergekit.errors import DamError
 def read_manifest(zoo_dir: str | Path) -> dict[str, Any]:
     path = Path(zoo_dir) / "zoo.json"
     if not path.is_file():
-        raise DamError(f"{zoo_dir}: calibration data is not a zoo (no zoo.json); build it with "
-                       "`dam-mergekit zoo build` or point `data` at a zoo directory")
+        raise DamError(
+            f"{zoo_dir}: calibration data is not a zoo (no zoo.json); build it with "
+            "`dam-mergekit zoo build` or point `data` at a zoo directory"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
