@@ -11,7 +11,7 @@ learned to survive down-scaling and mixing.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,13 +85,11 @@ def train(
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
-    schedule: Callable[[int], float] = lambda step: (
-        min(1.0, (step + 1) / warmup)
-        * 0.5
-        * (  # noqa: E731
-            1 + torch.cos(torch.tensor(torch.pi * step / steps)).item()
-        )
-    )
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine decay
+        cosine = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
+        return min(1.0, (step + 1) / warmup) * cosine
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     names = [n for n, _ in model.named_parameters()]
     losses = []
