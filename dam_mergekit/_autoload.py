@@ -23,9 +23,19 @@ if TYPE_CHECKING:  # annotations only: keep start-up imports minimal
 
 
 def _register(_module: ModuleType) -> None:
+    method = sys.modules.get("dam_mergekit.method")
+    if method is not None and not hasattr(method, "register_methods"):
+        # dam_mergekit.method is itself being imported (it imports mergekit first): it registers
+        # the methods at its end when it sees this flag.
+        global REGISTER_PENDING
+        REGISTER_PENDING = True
+        return
     from dam_mergekit.method import register_methods
 
     register_methods()
+
+
+REGISTER_PENDING = False
 
 
 def _guard(_module: ModuleType) -> None:

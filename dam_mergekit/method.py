@@ -7,6 +7,7 @@ It reads the masks of ``group.metadata.name`` from the mask file and calls the o
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -134,3 +135,8 @@ def register_methods() -> None:
                 f"({type(existing).__module__}.{type(existing).__qualname__}); use "
                 f"`merge_method: {ALIAS_NAME}` for Defense-Aware Merging"
             )
+
+
+# The start-up hook fired while this module was still being imported: finish its job now.
+if getattr(sys.modules.get("dam_mergekit._autoload"), "REGISTER_PENDING", False):
+    register_methods()

@@ -56,3 +56,30 @@ def test_validate_catches_a_mask_file_for_other_models(clip_models, llama_models
     assert main(["masks", "init", str(clip), "--out", str(masks)]) == 0
     assert main(["masks", "validate", str(masks), "--recipe", str(llama)]) == 2
     assert "fingerprint mismatch" in capsys.readouterr().err
+
+
+def test_experts_follow_the_recipe_order(llama_models, tmp_path):
+    from dam_mergekit.recipe.load import load_recipe
+    from dam_mergekit.recipe.plan import plan_recipe
+
+    for order in (("a", "b"), ("b", "a")):
+        models = {
+            "base": llama_models["base"],
+            "a": llama_models[order[0]],
+            "b": llama_models[order[1]],
+        }
+        recipe = write_recipe(tmp_path / "r.yml", models, parameters={"masks": "m.safetensors"})
+        plan = plan_recipe(load_recipe(recipe))
+        assert [str(e) for e in plan.experts] == [str(llama_models[k]) for k in order]
+
+
+def test_validate_a_recipe_that_names_a_calibration_file(clip_models, tmp_path, capsys):
+    calibration = tmp_path / "calib.yml"
+    recipe = write_recipe(
+        tmp_path / "dam.yml", clip_models, parameters={"calibration": str(calibration)}
+    )
+    derived = tmp_path / "calib.masks.safetensors"
+    assert main(["masks", "init", str(recipe), "--out", str(derived)]) == 0
+    capsys.readouterr()
+    assert main(["masks", "validate", str(derived), "--recipe", str(recipe)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok {derived}")

@@ -98,3 +98,15 @@ def test_cli_reports_errors_in_one_line(capsys, tmp_path):
         from dam_mergekit.recipe.load import mask_path_for
 
         mask_path_for(None, None)
+
+
+def test_importing_the_kernel_module_first_still_registers_quietly():
+    """dam_mergekit.method imports mergekit, which fires the hook mid-import: no warning, dam on."""
+    code = (
+        "import dam_mergekit.method\n"
+        "from mergekit import merge_methods\n"
+        "print(merge_methods.get('dam').spec.name)\n"
+    )
+    proc = run_python(code, DAM_MERGEKIT_AUTOLOAD="1")
+    assert proc.stdout.strip() == "dam", proc.stderr
+    assert "could not hook" not in proc.stderr

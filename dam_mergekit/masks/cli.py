@@ -141,10 +141,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from dam_mergekit.masks.validate import validate_plan
+    from dam_mergekit.recipe.load import mask_path_for
 
     plan, allow_pickle = _plan(args.recipe)
-    used = {t.parameters.get("masks") for t in plan.float_tensors}
-    if not any(u and Path(u).resolve() == Path(args.file).resolve() for u in used):
+    used = {
+        mask_path_for(t.parameters.get("masks"), t.parameters.get("calibration"))
+        for t in plan.float_tensors
+    }
+    if not any(Path(u).resolve() == Path(args.file).resolve() for u in used):
         raise DamError(
             f"{args.recipe}: does not use {args.file} (its masks: {sorted(map(str, used))})"
         )

@@ -56,6 +56,7 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
     config = copy.deepcopy(config)
     if config.base_model is None:
         raise DamError("a `dam` recipe needs `base_model`: task vectors are taken against it")
+    experts = experts_in_recipe_order(config)  # before the planner rewrites `models`
     try:
         arch_info = get_architecture_info(config, options)
         LoaderCache().setup(options=options)
@@ -68,7 +69,6 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
         raise DamError(f"mergekit could not plan this recipe: {err}") from None
 
     base = config.base_model
-    experts = [m for m in config.referenced_models() if m != base]
     header_shapes = stored_tensors(model_dir(base), allow_pickle=allow_pickle)
     tensors, covered = [], set()
     for target in tasks:
@@ -94,6 +94,21 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
         covered.add(stored)
     check_plan_covers_base(covered, model_dir(base), stored=header_shapes)
     return RecipePlan(config=config, base=base, experts=experts, tensors=tensors)
+
+
+def experts_in_recipe_order(config) -> list:
+    """The non-base models in the order the recipe lists them (then any others, sorted).
+
+    mergekit's ``referenced_models()`` returns a set's order, which changes between processes;
+    mask files, calibration digests and reports need one stable order.
+    """
+    base = config.base_model
+    ordered = []
+    for entry in config.models or ():
+        if entry.model != base and entry.model not in ordered:
+            ordered.append(entry.model)
+    rest = [m for m in config.referenced_models() if m != base and m not in ordered]
+    return ordered + sorted(rest, key=str)
 
 
 def model_dir(ref) -> str:
