@@ -15,7 +15,10 @@ from importlib import import_module
 from dam_mergekit import __version__
 
 # Stage modules that contribute subcommands, in the order of the data path.
-COMMAND_MODULES = ("dam_mergekit.masks.cli",)
+COMMAND_MODULES = (
+    "dam_mergekit.masks.cli",
+    "dam_mergekit.calibrate.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

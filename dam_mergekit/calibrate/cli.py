@@ -1,0 +1,42 @@
+"""``dam-mergekit calibrate RECIPE``: learn a recipe's mask file without merging."""
+
+from __future__ import annotations
+
+import argparse
+
+from dam_mergekit.errors import DamError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    cal = sub.add_parser("calibrate", help="learn the masks of a dam recipe (no merge)")
+    cal.add_argument("recipe", help="a dam recipe with `parameters: {calibration: FILE}`")
+    cal.add_argument("--force", action="store_true",
+                     help="calibrate even when the mask file is up to date")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from dam_mergekit.calibrate.hook import ensure_masks
+    from dam_mergekit.recipe.load import dam_settings, is_dam, load_recipe, mask_path_for
+    from dam_mergekit.recipe.plan import plan_recipe
+
+    config = load_recipe(args.recipe)
+    if not is_dam(config):
+        raise DamError(f"{args.recipe}: merge_method is {config.merge_method!r}, not dam")
+    settings = dam_settings(config)
+    if settings.calibration is None:
+        raise DamError(f"{args.recipe}: no `parameters: {{calibration: FILE}}`; nothing to "
+                       "calibrate")
+    allow_pickle = bool((config.parameters or {}).get("allow_pickle", False))
+    plan = plan_recipe(config, allow_pickle=allow_pickle)
+    path = mask_path_for(settings.masks, settings.calibration)
+    result = ensure_masks(plan, path, settings.calibration, force=args.force,
+                          progress=not args.no_progress)
+    if result is None:
+        print(f"{path} is up to date (use --force to calibrate again)")
+    else:
+        t = result.timings
+        print(f"wrote {path}: {len(result.masks.coefficients)} tensors, "
+              f"{t.get('total', 0):.1f} s")
+    return 0

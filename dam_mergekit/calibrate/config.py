@@ -1,0 +1,178 @@
+"""The calibration file: every setting of a DAM calibration run, checked before any training.
+
+A calibration file is YAML. Paths in it (``data``, ``checkpoint``) are relative to the current
+directory, like the model paths of a mergekit recipe. Only the keys below are accepted; an unknown
+key is an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dam_mergekit.errors import DamError
+
+ADAPTERS = ("clip", "causal_lm")
+MODES = ("dam", "as_released")
+NORMS = ("linf", "l2")
+GRANULARITIES = ("element", "row", "tensor")
+COEFFICIENT_SCOPES = ("layer", "task")
+SAFE_LOSSES = ("kl", "entropy")
+
+
+@dataclass
+class CalibrationConfig:
+    """Settings of one calibration run (see docs/calibration.md for the meaning of each)."""
+
+    adapter: str = "clip"  # "clip", "causal_lm" or "package.module:Class" (a user adapter)
+    data: str | list[str] = ""  # a zoo directory (or adapter-specific paths)
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    mode: str = "dam"  # "dam" (two masks, bounded perturbation) or "as_released"
+    steps: int = 200  # alternating (coefficient, perturbation, M1, M2) steps
+    final_steps: int = 50  # coefficient-only steps with the extracted (binary) masks fixed
+    batch_size: int = 16
+    lr_mask: float = 0.05
+    lr_coef: float = 1e-3
+    lr_perturb: float = 0.01  # step size of the perturbation (per step, in its norm)
+    perturb_steps: int = 1  # ascent steps on the perturbation per outer step
+    alpha: float = 1.0  # weight of L_safe (in the M2 and the coefficient steps)
+    eps: float = 2.0  # norm bound of the perturbation
+    norm: str = "l2"
+    granularity: str = "element"
+    coefficients: str = "layer"  # "layer": one per expert per tensor; "task": one per expert
+    coef_init: float = 0.3
+    coef_range: tuple[float, float] = (0.0, 0.3)
+    init_logit: float = 3.0  # initial mask logit (keep probability sigmoid(3) = 0.95)
+    temperature: float = 0.5
+    rescale: bool = True  # the released per-tensor mean rescaling (folded into coefficients)
+    safe_loss: str = "kl"  # "kl": KL(clean || perturbed); "entropy": entropy on perturbed
+    seed: int = 0
+    device: str = "cpu"
+    memory_budget_gb: float | None = None  # refuse when the estimate exceeds it
+    checkpoint: str | None = None  # default: next to the mask file
+    checkpoint_every: int = 25
+    source: str | None = field(default=None, compare=False)  # where it was read from
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationConfig:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DamError(f"{where}: calibration file not found") from None
+        except yaml.YAMLError as err:
+            raise DamError(f"{where}: not valid YAML ({err})".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise DamError(f"{where}: a calibration file is a YAML mapping of settings")
+        return cls.from_dict(raw, where=where)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, where: str = "calibration") -> CalibrationConfig:
+        known = {f.name for f in fields(cls)} - {"source"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise DamError(f"{where}: unknown setting {unknown[0]!r}; "
+                           f"known: {', '.join(sorted(known))}")
+        values = dict(raw)
+        if "coef_range" in values:
+            rng = values["coef_range"]
+            if not (isinstance(rng, (list, tuple)) and len(rng) == 2):
+                raise DamError(f"{where}: coef_range must be [low, high], got {rng!r}")
+            values["coef_range"] = (float(rng[0]), float(rng[1]))
+        if values.get("adapter_options") is None:
+            values["adapter_options"] = {}
+        cfg = cls(**values, source=where)
+        cfg.check()
+        return cfg
+
+    # -- checks (cheap, nothing loaded) ----------------------------------------------------------
+    def check(self) -> None:
+        """Settings that are wrong whatever the models: a one-line error naming the setting."""
+        where = self.source or "calibration"
+
+        def bad(msg: str) -> DamError:
+            return DamError(f"{where}: {msg}")
+
+        if self.adapter not in ADAPTERS and ":" not in str(self.adapter):
+            raise bad(
+                f"unknown adapter {self.adapter!r}; use one of {', '.join(ADAPTERS)} or "
+                "'package.module:Class' for your own adapter"
+            )
+        for key, allowed in (("mode", MODES), ("norm", NORMS), ("granularity", GRANULARITIES),
+                             ("coefficients", COEFFICIENT_SCOPES), ("safe_loss", SAFE_LOSSES)):
+            if getattr(self, key) not in allowed:
+                raise bad(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0 and math.isfinite(self.eps)):
+            raise bad("eps must be a finite number > 0 (the perturbation's norm bound), "
+                      f"got {self.eps!r}")
+        for key in ("steps", "batch_size", "perturb_steps", "checkpoint_every"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                raise bad(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if not (isinstance(self.final_steps, int) and self.final_steps >= 0):
+            raise bad(f"final_steps must be an integer >= 0, got {self.final_steps!r}")
+        for key in ("lr_mask", "lr_coef", "lr_perturb", "temperature"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise bad(f"{key} must be a number > 0, got {value!r}")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0):
+            raise bad(f"alpha must be a number >= 0, got {self.alpha!r}")
+        low, high = self.coef_range
+        if not (0 <= low <= high):
+            raise bad(f"coef_range must satisfy 0 <= low <= high, got {list(self.coef_range)}")
+        if not (low <= self.coef_init <= high):
+            raise bad(f"coef_init {self.coef_init} lies outside coef_range {list(self.coef_range)}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise bad(f"memory_budget_gb must be > 0, got {self.memory_budget_gb!r}")
+        if not self.data:
+            raise bad("`data` is empty; set it to the calibration data (a zoo directory)")
+        for path in self.data_paths():
+            if not Path(path).exists():
+                raise bad(f"calibration data {path} not found "
+                          f"(paths are relative to {os.getcwd()})")
+        check_device(self.device, where)
+
+    def data_paths(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else [str(p) for p in self.data]
+
+    # -- what the mask file records ----------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes the learned masks (device, checkpointing and budget do not)."""
+        out = asdict(self)
+        for key in ("source", "checkpoint", "checkpoint_every", "memory_budget_gb", "device"):
+            out.pop(key)
+        out["coef_range"] = list(self.coef_range)
+        return out
+
+
+def check_device(device: str, where: str = "calibration") -> None:
+    """Refuse a device this machine does not have (before anything is loaded)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DamError(
+            f"{where}: device {device!r} is not a torch device (cpu, cuda, cuda:0, mps)"
+        ) from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DamError(f"{where}: device {device!r} asked for, but CUDA is not available here; "
+                           "set `device: cpu`")
+        if dev.index is not None and dev.index >= count:
+            raise DamError(f"{where}: device {device!r} does not exist ({count} CUDA device(s): "
+                           f"cuda:0..cuda:{count - 1})")
+        return
+    if dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DamError(f"{where}: device 'mps' is not available here; set `device: cpu`")
+        return
+    raise DamError(f"{where}: device {device!r} is not supported; use cpu, cuda[:N] or mps")

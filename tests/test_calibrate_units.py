@@ -1,0 +1,217 @@
+"""Calibration pieces: Concrete masks, perturbation bounds, refusals before training, determinism
+and resuming from a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from _calib_fixtures import FAST, write_clip_zoo, write_recipe
+
+from dam_mergekit.calibrate import concrete
+from dam_mergekit.calibrate.config import CalibrationConfig
+from dam_mergekit.calibrate.perturb import Perturbations, PerturbationSpace, project
+from dam_mergekit.calibrate.trainer import Calibrator
+from dam_mergekit.errors import DamError
+from dam_mergekit.recipe.load import dam_settings, load_recipe, mask_path_for
+from dam_mergekit.recipe.plan import plan_recipe
+
+# -- Concrete masks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("granularity", "shape", "expected"), [
+    ("element", (4, 3), (4, 3)), ("row", (4, 3), (4, 1)), ("row", (5,), (5,)),
+    ("row", (2, 3, 4), (2, 1, 1)), ("tensor", (4, 3), ()), ("element", (), ()),
+])
+def test_logit_shapes(granularity, shape, expected):
+    assert concrete.logit_shape(shape, granularity) == expected
+    m2 = concrete.init_logits(shape, granularity, 1.0, experts=3)
+    assert m2.shape == (3, *expected)
+    torch.broadcast_shapes(expected, shape)  # every mask broadcasts to its tensor
+
+
+def test_concrete_sample_and_extraction():
+    logits = torch.tensor([-4.0, -0.1, 0.0, 0.1, 4.0], requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    sample = concrete.sample(logits, 0.5, gen)
+    assert ((sample > 0) & (sample < 1)).all()
+    sample.sum().backward()
+    assert logits.grad is not None and (logits.grad > 0).all()
+    assert concrete.binarize(logits).tolist() == [False, False, True, True, True]
+
+
+def test_rescale_factors():
+    m1 = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    m2 = [torch.tensor([1.0, 0.0, 1.0, 1.0]), None]
+    r = concrete.rescale_factors(m1, m2, enabled=True)
+    torch.testing.assert_close(r, torch.tensor([4.0, 2.0]))
+    assert concrete.rescale_factors(m1, m2, enabled=False).tolist() == [1.0, 1.0]
+    # a scalar (tensor-granularity) mask is never rescaled: m / mean(m) would cancel it
+    assert concrete.rescale_factors(torch.tensor(0.3), [None], enabled=True).tolist() == [1.0]
+
+
+# -- perturbations ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_perturbation_stays_in_its_norm_ball(norm):
+    space = PerturbationSpace((3, 4, 4), low=0.0, high=1.0)
+    pert = Perturbations({"t": space}, norm=norm, eps=0.1, lr=0.5)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        pert.step("t", torch.randn(3, 4, 4, generator=gen) * 100)
+        d = pert.deltas["t"]
+        size = d.abs().max() if norm == "linf" else d.norm()
+        assert size <= 0.1 + 1e-6
+    assert size > 0.09  # it does move to the boundary under large gradients
+    x = torch.rand(2, 3, 4, 4)
+    out = space.apply(x, torch.full((3, 4, 4), 5.0))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_project_l2():
+    d = torch.ones(4) * 3
+    project(d, "l2", 1.0)
+    assert abs(float(d.norm()) - 1.0) < 1e-6
+
+
+# -- refusals before training ---------------------------------------------------------------
+
+
+def _setup(tmp_path, **overrides):
+    zoo = write_clip_zoo(tmp_path)
+    recipe = write_recipe(tmp_path, zoo, {**FAST, **overrides})
+    config = load_recipe(recipe)
+    settings = dam_settings(config)
+    return zoo, plan_recipe(config), settings.calibration, mask_path_for(None, settings.calibration)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"eps": 0}, "eps must be"),
+    ({"eps": -1.0}, "eps must be"),
+    ({"adapter": "nonsense"}, "unknown adapter"),
+    ({"adapter": "no_such_module_xyz:Adapter"}, "cannot be imported"),
+    ({"device": "cuda:3"}, "device"),
+    ({"data": "does/not/exist"}, "not found"),
+    ({"granularity": "column"}, "granularity"),
+    ({"colour": 1}, "unknown setting"),
+    ({"memory_budget_gb": 1e-9}, "calibration needs about"),
+])
+def test_refusals_before_training(tmp_path, override, message):
+    from dam_mergekit.calibrate.hook import ensure_masks
+
+    _, plan, cal, mask = _setup(tmp_path, **override)
+    with pytest.raises(DamError, match=message):
+        ensure_masks(plan, mask, cal, progress=False)
+    assert not (tmp_path / "dam-calibration.masks.safetensors").exists()
+
+
+def test_cuda_refused_when_absent(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: 'cuda' is a valid device here")
+    _, _, cal, _ = _setup(tmp_path, device="cuda")
+    with pytest.raises(DamError, match="CUDA is not available"):
+        CalibrationConfig.load(cal)
+
+
+def test_empty_calibration_data_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from dam_mergekit.calibrate.hook import ensure_masks
+
+    zoo, plan, cal, mask = _setup(tmp_path)
+    save_file({"calib_x": torch.zeros((0, 3, 8, 8), dtype=torch.uint8)},
+              str(zoo / "data" / "alpha.safetensors"))
+    with pytest.raises(DamError, match="empty"):
+        ensure_masks(plan, mask, cal, progress=False)
+
+
+def test_expert_of_another_architecture_refused(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    zoo = write_clip_zoo(tmp_path)
+    other = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=8, patch_size=4))
+    other.save_pretrained(tmp_path / "other")
+    recipe = write_recipe(tmp_path, zoo, FAST,
+                          experts=[str(zoo / "experts" / "alpha"), str(tmp_path / "other")])
+    config = load_recipe(recipe)
+    cal = CalibrationConfig.load(dam_settings(config).calibration)
+    with pytest.raises(DamError, match="architecture|shape"):
+        Calibrator(plan_recipe(config), cal, progress=False)
+
+
+# -- determinism and resume ---------------------------------------------------------------
+
+
+def _run(plan, cal_path, mask_path=None, **kw):
+    cfg = CalibrationConfig.load(cal_path)
+    return Calibrator(plan, cfg, mask_path=mask_path, progress=False, **kw).run(
+        write=mask_path is not None)
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    _, plan, cal, _ = _setup(tmp_path, steps=3, final_steps=1)
+    a, b = _run(plan, cal), _run(plan, cal)
+    for name in a.merged:
+        assert torch.equal(a.merged[name], b.merged[name])
+        assert torch.equal(a.masks.coefficients[name], b.masks.coefficients[name])
+    data = yaml.safe_load(open(cal))
+    data["seed"] = 1
+    open(cal, "w").write(yaml.safe_dump(data))
+    c = _run(plan, cal)
+    assert any(not torch.equal(a.merged[n], c.merged[n]) for n in a.merged)
+
+
+def test_resume_from_checkpoint(tmp_path, monkeypatch):
+    _, plan, cal, mask = _setup(tmp_path, steps=6, final_steps=1, checkpoint_every=2)
+    reference = _run(plan, cal)  # uninterrupted, nothing written
+
+    calls = {"n": 0}
+    original = Calibrator._mask_step
+
+    def crash_at_five(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Calibrator, "_mask_step", crash_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        _run(plan, cal, mask)
+    monkeypatch.setattr(Calibrator, "_mask_step", original)
+    ckpt = tmp_path / "dam-calibration.masks.safetensors.ckpt.safetensors"
+    assert ckpt.is_file() and not (tmp_path / "dam-calibration.masks.safetensors").exists()
+    resumed = _run(plan, cal, mask)
+    assert resumed.resumed_from == 4
+    assert not ckpt.exists()  # removed once the masks are written
+    for name in reference.merged:
+        torch.testing.assert_close(resumed.merged[name], reference.merged[name], rtol=0, atol=0)
+    # a checkpoint made with other settings is not used
+    monkeypatch.setattr(Calibrator, "_mask_step", crash_at_five)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        _run(plan, cal, mask)
+    monkeypatch.setattr(Calibrator, "_mask_step", original)
+    data = yaml.safe_load(open(cal))
+    data["alpha"] = 0.25
+    open(cal, "w").write(yaml.safe_dump(data))
+    assert _run(plan, cal, mask).resumed_from == 0
+
+
+def test_granularity_shapes_in_the_mask_file(tmp_path):
+    from dam_mergekit.masks import MaskFile
+
+    for gran in ("row", "tensor"):
+        sub = tmp_path / gran
+        sub.mkdir()
+        _, plan, cal, mask = _setup(sub, granularity=gran, init_logit=-0.5, steps=1,
+                                    final_steps=0)
+        result = _run(plan, cal, mask)
+        mf = MaskFile(mask)
+        for t in plan.float_tensors:
+            want = concrete.logit_shape(t.shape, gran)
+            assert tuple(result.masks.m1[t.name].shape) == want
+            m1 = mf.m1(t.name)
+            assert m1 is None or tuple(m1.shape) == want
