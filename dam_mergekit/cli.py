@@ -18,6 +18,8 @@ from dam_mergekit import __version__
 COMMAND_MODULES = (
     "dam_mergekit.masks.cli",
     "dam_mergekit.calibrate.cli",
+    "dam_mergekit.convert.cli",
+    "dam_mergekit.secure",
 )
 
 
