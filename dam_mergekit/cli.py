@@ -20,6 +20,9 @@ COMMAND_MODULES = (
     "dam_mergekit.calibrate.cli",
     "dam_mergekit.convert.cli",
     "dam_mergekit.secure",
+    "dam_mergekit.zoo.cli",
+    "dam_mergekit.evaluate",
+    "dam_mergekit.bench",
 )
 
 

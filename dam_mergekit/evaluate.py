@@ -1,0 +1,171 @@
+"""ACC, ASR and p0 of a model on a zoo's tasks; succession/transfer averages; DER.
+
+Definitions (percent, 0-100, per task):
+
+- ``acc``: clean test accuracy.
+- ``asr``: share of *triggered* test inputs whose true class is not the target that are predicted as
+  the target (target-class inputs are left out: predicting them as the target is no attack).
+- ``p0``: share of the *same* inputs without the trigger predicted as the target, the floor an ASR
+  must be read against (a model that says "target" for everything has ASR = p0 = 100).
+
+Succession: ASR on tasks whose expert was backdoored. Transfer: ASR on clean tasks with the same
+trigger (for CLIP the zoo's trigger is applied to every task's test images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from dam_mergekit.errors import DamError
+
+
+def evaluate_model(model_dir: str | Path, zoo_dir: str | Path) -> dict[str, dict[str, float]]:
+    """``{"acc": {task: pct}, "asr": {task: pct}, "p0": {task: pct}}`` for a model on a zoo."""
+    from dam_mergekit.zoo.manifest import load_manifest
+
+    manifest = load_manifest(zoo_dir)
+    if manifest["kind"] == "llm":
+        try:
+            from dam_mergekit.zoo.llm import evaluate_llm
+        except ImportError as err:
+            raise DamError(f"this dam-mergekit cannot evaluate LLM zoos ({err})") from None
+        return evaluate_llm(model_dir, zoo_dir)
+    return evaluate_clip(load_vision_model(model_dir), zoo_dir)
+
+
+def load_vision_model(model_dir: str | Path):
+    """A ``CLIPVisionModel`` from a directory with safetensors weights (pickle is refused)."""
+    from transformers import CLIPVisionModel
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise DamError(f"{path}: not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise DamError(f"{path}: no .safetensors weights (pickle checkpoints are refused)")
+    return CLIPVisionModel.from_pretrained(str(path), use_safetensors=True).eval()
+
+
+def evaluate_clip(vision_model, zoo_dir: str | Path, *, batch_size: int = 500) -> dict:
+    """Evaluate any module ``m(pixel_values=...) -> .pooler_output`` through the zoo's heads."""
+    import torch
+
+    from dam_mergekit.zoo.attacks import get_trigger
+    from dam_mergekit.zoo.loaders import clip_logits, load_head, load_task_data, to_float
+    from dam_mergekit.zoo.manifest import load_manifest
+
+    manifest = load_manifest(zoo_dir)
+    attack = manifest.get("attack") or next(
+        (t["attack"] for t in manifest["tasks"] if t["attack"]), None
+    )
+    trigger = get_trigger(attack["name"], **attack.get("params", {})) if attack else None
+    normalize = manifest["normalize"]
+
+    @torch.no_grad()
+    def predict(x01: torch.Tensor, head) -> torch.Tensor:
+        parts = [
+            clip_logits(vision_model, head, x01[i : i + batch_size], normalize).argmax(-1)
+            for i in range(0, len(x01), batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    result: dict[str, dict[str, float]] = {"acc": {}, "asr": {}, "p0": {}}
+    for task in manifest["tasks"]:
+        name, target = task["name"], task["target_class"]
+        head = load_head(zoo_dir, name)
+        data = load_task_data(zoo_dir, name)
+        x, y = to_float(data["test_x"]), data["test_y"]
+        result["acc"][name] = _pct(predict(x, head) == y)
+        if trigger is None:
+            continue
+        keep = y != target
+        result["asr"][name] = _pct(predict(trigger(x[keep]), head) == target)
+        result["p0"][name] = _pct(predict(x[keep], head) == target)
+    return result
+
+
+def _pct(hits) -> float:
+    return round(100.0 * float(hits.float().mean()), 2) if len(hits) else float("nan")
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def summarise(result: dict, manifest: dict[str, Any]) -> dict[str, float | None]:
+    """Averages: ACC over all tasks; ASR and p0 over succession and transfer tasks.
+
+    An average over an empty set (e.g. no clean task) is ``None``.
+    """
+    bad = [t["name"] for t in manifest["tasks"] if t["backdoored"]]
+    clean = [t["name"] for t in manifest["tasks"] if not t["backdoored"]]
+    asr, p0 = result.get("asr", {}), result.get("p0", {})
+    return {
+        "acc_avg": _mean(list(result["acc"].values())),
+        "asr_succession_avg": _mean([asr[t] for t in bad if t in asr]),
+        "asr_transfer_avg": _mean([asr[t] for t in clean if t in asr]),
+        "p0_succession_avg": _mean([p0[t] for t in bad if t in p0]),
+        "p0_transfer_avg": _mean([p0[t] for t in clean if t in p0]),
+    }
+
+
+def der(
+    defended: dict[str, float], reference: dict[str, float], *, asr_key: str = "asr_succession_avg"
+) -> float | None:
+    """Defense effectiveness ratio (BackdoorBench), in percent.
+
+    ``DER = (max(0, dASR) - max(0, dACC) + 1) / 2`` with ``dASR = ASR_ref - ASR_def`` and
+    ``dACC = ACC_ref - ACC_def`` as fractions; the reference is the undefended model (in the bench:
+    the task-arithmetic merge), ACC is ``acc_avg`` and ASR the succession average. 50 means no
+    change; 100 means the ASR went to zero at no cost in accuracy; below 50 the defense cost more
+    ACC than it removed ASR.
+    """
+    if defended.get(asr_key) is None or reference.get(asr_key) is None:
+        return None
+    d_asr = (reference[asr_key] - defended[asr_key]) / 100.0
+    d_acc = (reference["acc_avg"] - defended["acc_avg"]) / 100.0
+    return round(100.0 * (max(0.0, d_asr) - max(0.0, d_acc) + 1.0) / 2.0, 2)
+
+
+def format_table(result: dict, manifest: dict[str, Any]) -> str:
+    """A Markdown table of one evaluation, one row per task."""
+    lines = ["| task | role | ACC | ASR | p0 |", "|---|---|---|---|---|"]
+    for task in manifest["tasks"]:
+        n = task["name"]
+        role = "succession" if task["backdoored"] else "transfer"
+        asr, p0 = result.get("asr", {}).get(n), result.get("p0", {}).get(n)
+        lines.append(f"| {n} | {role} | {result['acc'][n]:.1f} | {_fmt(asr)} | {_fmt(p0)} |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="ACC / ASR / p0 of a model on a zoo's tasks",
+        description="Evaluate MODEL (an HF directory) on every task of ZOO.",
+    )
+    p.add_argument("model", help="model directory (CLIPVisionModel or causal LM, safetensors)")
+    p.add_argument("--zoo", required=True, help="zoo directory (made by `dam-mergekit zoo build`)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dam_mergekit.zoo.manifest import load_manifest
+
+    manifest = load_manifest(args.zoo)
+    if not Path(args.model).is_dir():
+        raise DamError(f"{args.model}: no such model directory")
+    result = evaluate_model(args.model, args.zoo)
+    if args.json:
+        print(json.dumps({**result, **summarise(result, manifest)}, indent=2))
+    else:
+        print(format_table(result, manifest))
+        print(json.dumps(summarise(result, manifest)))
+    return 0

@@ -1,0 +1,101 @@
+"""The CLIP zoo: layout per docs/zoo-format.md, deterministic for a seed, cached, never partial."""
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from zoo_fixtures import TINY, tiny_zoo  # noqa: F401
+
+from dam_mergekit.errors import DamError
+from dam_mergekit.zoo.build import build_zoo
+from dam_mergekit.zoo.loaders import clip_logits, load_head, load_task_data, to_float
+from dam_mergekit.zoo.manifest import load_manifest
+
+
+def _tensors(zoo):
+    files = sorted(p for p in zoo.rglob("*.safetensors"))
+    return {str(p.relative_to(zoo)): load_file(str(p)) for p in files}
+
+
+def test_layout_matches_contract(tiny_zoo):  # noqa: F811
+    m = load_manifest(tiny_zoo)
+    assert m["kind"] == "clip" and m["options"]["attack_mode"] == "merge-aware"
+    assert (tiny_zoo / "base" / "config.json").is_file()
+    bad = [t for t in m["tasks"] if t["backdoored"]]
+    assert [t["name"] for t in bad] == ["digits"]
+    assert (tiny_zoo / bad[0]["control"] / "model.safetensors").is_file()
+    for t in m["tasks"]:
+        assert (tiny_zoo / t["expert"] / "model.safetensors").is_file()
+        data = load_task_data(tiny_zoo, t["name"])
+        assert data["test_x"].dtype == torch.uint8 and data["test_x"].shape[1:] == (3, 32, 32)
+        assert data["calib_x"].shape[0] == TINY["n_calib"] and data["train_y"].dtype == torch.int64
+        head = load_head(tiny_zoo, t["name"])
+        assert head.classes.shape[0] == len(t["classes"])
+        assert torch.allclose(head.classes.norm(dim=-1), torch.ones(len(t["classes"])), atol=1e-5)
+
+
+def test_head_reproduces_full_clip_logits(tiny_zoo):  # noqa: F811
+    """base + head give the pretrained CLIPModel's own image-to-prompt logits."""
+    from transformers import CLIPModel, CLIPVisionModel, PreTrainedTokenizerFast
+
+    m = load_manifest(tiny_zoo)
+    clip = CLIPModel.from_pretrained(str(tiny_zoo / "clip")).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tiny_zoo / "clip"))
+    base = CLIPVisionModel.from_pretrained(str(tiny_zoo / "base")).eval()
+    task = m["tasks"][1]
+    x = to_float(load_task_data(tiny_zoo, task["name"])["test_x"][:8])
+    from dam_mergekit.zoo.loaders import normalize_pixels
+
+    batch = tok(task["prompts"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = clip(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=normalize_pixels(x, m["normalize"]),
+        ).logits_per_image
+        ours = clip_logits(base, load_head(tiny_zoo, task["name"]), x, m["normalize"])
+    assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def test_same_seed_same_zoo_and_cache(tiny_zoo, tmp_path):  # noqa: F811
+    again = build_zoo(tmp_path / "again", TINY)
+    a, b = _tensors(tiny_zoo), _tensors(again)
+    assert a.keys() == b.keys() and len(a) >= 10
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    start = time.perf_counter()
+    stamp = (again / "zoo.json").stat().st_mtime_ns
+    build_zoo(again, TINY)
+    assert time.perf_counter() - start < 1.0
+    assert (again / "zoo.json").stat().st_mtime_ns == stamp
+
+
+def test_other_seed_differs(tiny_zoo, tmp_path):  # noqa: F811
+    other = build_zoo(tmp_path / "s1", {**TINY, "seed": 1, "tasks": ["digits", "shapes"]})
+    a = load_file(str(tiny_zoo / "data" / "shapes.safetensors"))["test_x"]
+    b = load_file(str(other / "data" / "shapes.safetensors"))["test_x"]
+    assert not torch.equal(a, b)
+
+
+def test_bad_options_refused_before_writing(tmp_path):
+    for bad in (
+        {"attack": "nope"},
+        {"poison_rate": 1.5},
+        {"target_class": 9},
+        {"tasks": ["digits", "nope"]},
+        {"attack_mode": "x"},
+    ):
+        with pytest.raises(DamError):
+            build_zoo(tmp_path / "z", {**TINY, **bad})
+    assert not any(tmp_path.iterdir())
+
+
+def test_poison_split_leaves_target_out():
+    from dam_mergekit.zoo.clip import poison_split
+
+    y = torch.tensor([0, 1, 2, 3] * 25)
+    idx = poison_split(y, 0, 0.1, seed=0)
+    assert len(idx) == 10 and torch.all(y[idx] != 0)
+    assert torch.equal(idx, poison_split(y, 0, 0.1, seed=0))
