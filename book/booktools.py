@@ -28,8 +28,12 @@ LLM_ZOO = ROOT / ".cache" / "zoo" / "llm-default"
 WORK = ROOT / "out" / "book"
 
 
-def setup(threads: int = 2) -> None:
-    """Quiet, deterministic, CPU-sized torch for a chapter."""
+def setup(threads: int | None = None) -> None:
+    """Quiet, deterministic, CPU-sized torch for a chapter.
+
+    One thread by default (``DAM_BOOK_THREADS`` overrides): these models are tiny, and on a
+    shared 2-core machine two threads per process ran several times slower than one.
+    """
     import logging
     import warnings
 
@@ -37,7 +41,7 @@ def setup(threads: int = 2) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or int(os.environ.get("DAM_BOOK_THREADS", "1")))
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -110,3 +114,32 @@ def backdoored_tasks(manifest: dict) -> list[str]:
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
+
+
+def task_scores(model, zoo: Path, task: str) -> dict[str, float]:
+    """ACC, ASR and p0 (percent) of a CLIP vision model on one task of a zoo.
+
+    The same definitions as ``dam_mergekit.evaluate.evaluate_clip``, for one task only: sweeps
+    over dozens of merges need only the backdoored task.
+    """
+    import torch
+
+    from dam_mergekit.zoo import load_head, load_manifest, load_task_data
+    from dam_mergekit.zoo.attacks import get_trigger
+    from dam_mergekit.zoo.loaders import clip_logits, to_float
+
+    manifest = load_manifest(zoo)
+    entry = next(t for t in manifest["tasks"] if t["name"] == task)
+    attack = manifest["attack"]
+    trigger = get_trigger(attack["name"], **attack.get("params", {}))
+    data = load_task_data(zoo, task)
+    x, y = to_float(data["test_x"]), data["test_y"]
+    keep = y != entry["target_class"]
+    head = load_head(zoo, task)
+    with torch.no_grad():
+        clean = clip_logits(model, head, x, manifest["normalize"]).argmax(-1)
+        triggered = clip_logits(model, head, trigger(x[keep]), manifest["normalize"]).argmax(-1)
+    target = entry["target_class"]
+    return {"acc": 100.0 * float((clean == y).float().mean()),
+            "asr": 100.0 * float((triggered == target).float().mean()),
+            "p0": 100.0 * float((clean[keep] == target).float().mean())}
