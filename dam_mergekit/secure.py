@@ -99,10 +99,11 @@ def secure_recipe(raw: dict[str, Any], calibration: str, *, source: str = "recip
     out["models"] = models
     global_params = _keep_parameters(dict(raw.get("parameters") or {}), "parameters", method,
                                      notes, global_scope=True)
-    if DEFAULT_NORMALIZE[method] and "normalize" not in (raw.get("parameters") or {}):
-        notes.append(_normalize_note(f"the {method} default", raw, base))
-    elif (raw.get("parameters") or {}).get("normalize") is True:
-        notes.append(_normalize_note("set in the recipe", raw, base))
+    given = raw.get("parameters") or {}
+    normalize = given.get("normalize", DEFAULT_NORMALIZE[method])
+    if normalize is not False:
+        how = "set in the recipe" if "normalize" in given else f"the {method} default"
+        notes.append(_normalize_note(normalize, how, raw, base))
     out["parameters"] = {"calibration": calibration, **global_params}
     for key in ("dtype", "out_dtype", "chat_template"):
         if raw.get(key) is not None:
@@ -138,11 +139,11 @@ def _keep_parameters(params: dict[str, Any], where: str, method: str, notes: lis
     return kept
 
 
-def _normalize_note(how: str, raw: dict[str, Any], base: str) -> str:
+def _normalize_note(value: Any, how: str, raw: dict[str, Any], base: str) -> str:
     total = _weight_sum(raw, base)
-    hint = (f"; to keep the merge's size divide `weight` (or `lambda`) by {total:g}, the sum of "
-            "the weights" if total else "; scale `weight` or `lambda` to keep the merge's size")
-    return f"parameters: normalize true ({how}) dropped: {WHY['normalize']}{hint}"
+    hint = (f"; to keep about the same size divide `weight` (or `lambda`) by {total:g}, the sum "
+            "of the weights" if total else "; scale `weight` or `lambda` to keep the size")
+    return f"parameters: normalize {_show(value)} ({how}) dropped: {WHY['normalize']}{hint}"
 
 
 def _weight_sum(raw: dict[str, Any], base: str) -> float | None:

@@ -51,6 +51,8 @@ def _assert_same(result, written):
 @pytest.mark.slow
 def test_in_memory_merge_equals_mergekit_output_clip(tmp_path):
     zoo = write_clip_zoo(tmp_path)
+    for data in (zoo / "data").glob("*.safetensors"):  # unlabeled: calibration must not need y
+        assert set(load_file(str(data))) == {"calib_x"}
     recipe = write_recipe(tmp_path, zoo, FAST)
     result, written, plan, mask_path = _calibrate_and_merge(tmp_path, recipe)
     _assert_same(result, written)

@@ -106,6 +106,13 @@ def test_refusals_before_training(tmp_path, override, message):
     assert not (tmp_path / "dam-calibration.masks.safetensors").exists()
 
 
+def test_yaml_exponent_strings_are_numbers():
+    cfg = CalibrationConfig.from_dict({"data": ".", "lr_coef": "1e-3", "eps": "5e-1"})
+    assert cfg.lr_coef == 1e-3 and cfg.eps == 0.5
+    with pytest.raises(DamError, match="lr_mask must be a number"):
+        CalibrationConfig.from_dict({"data": ".", "lr_mask": "fast"})
+
+
 def test_cuda_refused_when_absent(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: 'cuda' is a valid device here")

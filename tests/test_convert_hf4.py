@@ -141,3 +141,33 @@ def test_check_plan_covers_base_counts_weights_not_buffers(tmp_path):
         check_plan_covers_base(["a.weight"], base)
     with pytest.raises(DamError, match="covers 0 of"):
         check_plan_covers_base([], base)
+
+
+@pytest.mark.parametrize("arch", [None, "CLIPVisionModelWithProjection"])
+def test_vision_tower_extracted_from_a_full_clip_model(tmp_path, arch):
+    """FusionBench's base is a full CLIPModel (openai/clip-vit-base-patch32), not a vision one."""
+    import transformers
+
+    torch.manual_seed(5)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                eos_token_id=1, pad_token_id=1)
+    vision = {k: v for k, v in VISION.items() if k != "projection_dim"}
+    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                          projection_dim=24)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    args = ["convert", "hf4-vision", str(tmp_path / "clip"), str(tmp_path / "vision")]
+    assert main(args + (["--architecture", arch] if arch else [])) == 0
+    cls = getattr(transformers, arch or "CLIPVisionModel")
+    model = cls.from_pretrained(tmp_path / "vision").eval()
+    stored = load_file(str(tmp_path / "vision" / "model.safetensors"))
+    assert set(stored) == set(model.state_dict())
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if arch:
+            expected = clip.get_image_features(pixel_values=x)
+            expected = getattr(expected, "pooler_output", expected)
+            torch.testing.assert_close(model(pixel_values=x).image_embeds, expected)
+        else:
+            torch.testing.assert_close(model(pixel_values=x).pooler_output,
+                                       clip.vision_model(pixel_values=x).pooler_output)

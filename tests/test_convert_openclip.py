@@ -89,6 +89,13 @@ def test_image_features_equal_after_conversion_and_round_trip(configs, tmp_path,
 
     back = tmp_path / "visual.safetensors"
     assert main(["convert", "hf-to-openclip", str(out), str(back)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(back), "pt") as fh:
+        stored_cfg = json.loads(fh.metadata()["open_clip_model_cfg"])
+    source_cfg = json.loads(configs[name].read_text())
+    assert stored_cfg["quick_gelu"] == source_cfg["quick_gelu"]
+    assert spec_from_openclip_config(stored_cfg) == spec_from_openclip_config(source_cfg)
     fresh = make_model(name, seed=99)
     from safetensors.torch import load_file
 
@@ -228,3 +235,14 @@ def test_converted_models_merge_with_mergekit_and_reload(configs, tmp_path):
     torch.testing.assert_close(hf_image_embeds(out, x), reference, atol=1e-4, rtol=0)
     back = convert_hf_to_openclip(out, tmp_path / "merged.safetensors")
     assert len(load_file(str(back))) == len(models["base"].visual.state_dict())
+
+
+def test_hf_to_openclip_needs_the_projection(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=16, patch_size=8)
+                    ).save_pretrained(tmp_path / "noproj")
+    with pytest.raises(DamError, match="visual_projection.weight"):
+        convert_hf_to_openclip(tmp_path / "noproj", tmp_path / "v.safetensors")
+    assert not (tmp_path / "v.safetensors").exists()

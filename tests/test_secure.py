@@ -136,6 +136,10 @@ models:
     explicit_off = secure(text.replace("base_model: base", "base_model: base\nparameters: "
                                                            "{normalize: false}"))
     assert not any("normalize" in n for n in explicit_off.notes)
+    per_tensor = secure(text.replace("base_model: base", "base_model: base\nparameters:\n"
+                                     "  normalize: [{filter: mlp, value: false}, {value: true}]"))
+    assert [n for n in per_tensor.notes if "normalize" in n][0].startswith(
+        'parameters: normalize [{"filter": "mlp", "value": false}, {"value": true}] (set in')
 
 
 def test_tokenizer_source_is_dropped_because_dam_refuses_it():

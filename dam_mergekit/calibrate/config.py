@@ -23,6 +23,8 @@ NORMS = ("linf", "l2")
 GRANULARITIES = ("element", "row", "tensor")
 COEFFICIENT_SCOPES = ("layer", "task")
 SAFE_LOSSES = ("kl", "entropy")
+FLOAT_KEYS = ("lr_mask", "lr_coef", "lr_perturb", "alpha", "eps", "coef_init", "init_logit",
+              "temperature", "memory_budget_gb")
 
 
 @dataclass
@@ -33,15 +35,15 @@ class CalibrationConfig:
     data: str | list[str] = ""  # a zoo directory (or adapter-specific paths)
     adapter_options: dict[str, Any] = field(default_factory=dict)
     mode: str = "dam"  # "dam" (two masks, bounded perturbation) or "as_released"
-    steps: int = 200  # alternating (coefficient, perturbation, M1, M2) steps
+    steps: int = 150  # alternating (coefficient, perturbation, M1, M2) steps
     final_steps: int = 50  # coefficient-only steps with the extracted (binary) masks fixed
     batch_size: int = 16
     lr_mask: float = 0.05
-    lr_coef: float = 1e-3
-    lr_perturb: float = 0.01  # step size of the perturbation (per step, in its norm)
+    lr_coef: float = 3e-3
+    lr_perturb: float = 0.1  # step size of the perturbation (per step, in its norm)
     perturb_steps: int = 1  # ascent steps on the perturbation per outer step
     alpha: float = 1.0  # weight of L_safe (in the M2 and the coefficient steps)
-    eps: float = 2.0  # norm bound of the perturbation
+    eps: float = 1.0  # norm bound of the perturbation
     norm: str = "l2"
     granularity: str = "element"
     coefficients: str = "layer"  # "layer": one per expert per tensor; "task": one per expert
@@ -87,6 +89,13 @@ class CalibrationConfig:
             values["coef_range"] = (float(rng[0]), float(rng[1]))
         if values.get("adapter_options") is None:
             values["adapter_options"] = {}
+        for key in FLOAT_KEYS:  # PyYAML reads `1e-3` (no dot) as a string
+            if isinstance(values.get(key), str):
+                try:
+                    values[key] = float(values[key])
+                except ValueError:
+                    raise DamError(
+                        f"{where}: {key} must be a number, got {values[key]!r}") from None
         cfg = cls(**values, source=where)
         cfg.check()
         return cfg

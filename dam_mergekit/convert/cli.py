@@ -40,8 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     hf4 = csub.add_parser("hf4-vision", help="rename a transformers-4 CLIP vision directory's "
                                              "tensors (vision_model.*) for transformers 5")
-    hf4.add_argument("in_dir", help="transformers-4 CLIPVisionModel(WithProjection) directory")
+    hf4.add_argument("in_dir", help="transformers-4 CLIPVisionModel(WithProjection) or CLIPModel "
+                                    "directory")
     hf4.add_argument("out", help="output model directory")
+    hf4.add_argument("--architecture", choices=("CLIPVisionModel", "CLIPVisionModelWithProjection"),
+                     help="the model to write (default: config.json's; CLIPVisionModel for a "
+                          "full CLIPModel, whose vision tower is extracted)")
     _common(hf4)
     hf4.set_defaults(func=cmd_hf4)
 
@@ -75,7 +79,7 @@ def cmd_hf_to_openclip(args: argparse.Namespace) -> int:
 def cmd_hf4(args: argparse.Namespace) -> int:
     from dam_mergekit.convert.hf4 import convert_hf4_vision
 
-    out = convert_hf4_vision(args.in_dir, args.out, allow_pickle=args.allow_pickle,
-                             force=args.force)
+    out = convert_hf4_vision(args.in_dir, args.out, architecture=args.architecture,
+                             allow_pickle=args.allow_pickle, force=args.force)
     print(f"wrote {out} (transformers-5 tensor names)")
     return 0

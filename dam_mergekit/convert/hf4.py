@@ -5,7 +5,8 @@ names the same model's tensors ``embeddings...`` (``CLIPVisionModelWithProjectio
 ``vision_model.`` in both). transformers 5 still loads the old names, but mergekit 0.1.5 plans the
 merge from the new ones, finds none of them in the checkpoint, writes no weights at all and exits 0.
 This module renames the tensors to exactly what ``model.state_dict()`` gives in the installed
-transformers, found by building the model from its own ``config.json`` on the meta device.
+transformers, found by building the model from its own ``config.json`` on the meta device. It also
+extracts the vision tower of a full ``CLIPModel`` directory.
 """
 
 from __future__ import annotations
@@ -25,26 +26,43 @@ SUPPORTED = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def expected_state_dict_shapes(model_dir: Path, architecture: str | None = None
-                               ) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """The architecture and ``{name: shape}`` the installed transformers builds from config.json."""
-    import transformers
+def target_config(model_dir: Path, architecture: str | None = None):
+    """The architecture to write and its vision config, read from the input's config.json.
+
+    A full ``CLIPModel`` (model_type ``clip``, e.g. ``openai/clip-vit-base-patch32``, the base of
+    FusionBench's CLIP experts) yields its vision tower: ``CLIPVisionModel`` unless asked for
+    ``CLIPVisionModelWithProjection``.
+    """
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError) as err:
         raise DamError(f"{model_dir}: cannot read config.json ({err})") from None
-    if config.model_type != "clip_vision_model":
+    if config.model_type == "clip":
+        vision = config.vision_config
+        vision.projection_dim = config.projection_dim
+        arch = architecture or "CLIPVisionModel"
+    elif config.model_type == "clip_vision_model":
+        vision = config
+        arch = architecture or next(iter(getattr(config, "architectures", None) or []), None)
+    else:
         raise DamError(f"{model_dir}: model_type {config.model_type!r}; hf4-vision converts CLIP "
-                       "vision models (clip_vision_model) only")
-    arch = architecture or next(iter(getattr(config, "architectures", None) or []), None)
+                       "vision models (clip_vision_model) and full CLIP models (clip) only")
     if arch not in SUPPORTED:
-        raise DamError(f"{model_dir}: architecture {arch!r} in config.json; expected one of "
+        raise DamError(f"{model_dir}: architecture {arch!r}; expected one of "
                        f"{', '.join(SUPPORTED)}")
+    vision.architectures = [arch]
+    return arch, vision, config.model_type == "clip"
+
+
+def expected_state_dict_shapes(arch: str, vision_config) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of ``model.state_dict()`` in the installed transformers (meta device)."""
+    import transformers
+
     with torch.device("meta"):
-        model = getattr(transformers, arch)(config)
-    return arch, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = getattr(transformers, arch)(vision_config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def rename_to_current(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
@@ -74,24 +92,32 @@ def rename_to_current(tensors: dict[str, torch.Tensor], expected: dict[str, tupl
     return renamed, dropped
 
 
-def convert_hf4_vision(in_dir: str | Path, out_dir: str | Path, *, allow_pickle: bool = False,
-                       force: bool = False) -> Path:
-    """Copy a CLIP vision model directory with its tensors renamed for transformers 5."""
+def convert_hf4_vision(in_dir: str | Path, out_dir: str | Path, *, architecture: str | None = None,
+                       allow_pickle: bool = False, force: bool = False) -> Path:
+    """Copy a CLIP vision model directory with its tensors renamed for transformers 5.
+
+    ``architecture`` (``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``) overrides the one
+    in config.json; for a full CLIP model it picks which vision model to extract.
+    """
     from safetensors.torch import save_file
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if in_dir.resolve() == out_dir.resolve():
+    if out_dir.exists() and in_dir.resolve() == out_dir.resolve():
         raise DamError(f"{out_dir}: the output must differ from the input directory")
-    arch, expected = expected_state_dict_shapes(in_dir)
+    arch, vision_config, full_clip = target_config(in_dir, architecture)
+    expected = expected_state_dict_shapes(arch, vision_config)
     tensors = read_model_dir(in_dir, allow_pickle=allow_pickle)
+    if full_clip:  # keep the vision tower (and its projection when the target has one)
+        tensors = {k: v for k, v in tensors.items() if k.startswith(OLD_PREFIX)
+                   or (k == "visual_projection.weight" and "visual_projection.weight" in expected)}
     renamed, dropped = rename_to_current(tensors, expected, str(in_dir))
-    changed = sum(1 for k in tensors if k not in renamed and k not in dropped)
     with atomic_output(out_dir, force=force) as tmp:
         for path in in_dir.iterdir():
             if path.is_file() and path.suffix not in (".safetensors", *PICKLE_SUFFIXES) \
-                    and path.name not in WEIGHT_INDEXES:
+                    and path.name not in WEIGHT_INDEXES and path.name != "config.json":
                 shutil.copy2(path, tmp / path.name)
+        vision_config.save_pretrained(tmp)
         save_file(renamed, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    LOG.info("%s: %d of %d tensors renamed for %s, %d buffer(s) dropped", out_dir, changed,
-             len(tensors), arch, len(dropped))
+    LOG.info("%s: %d tensors written for %s, %d buffer(s) dropped", out_dir, len(renamed), arch,
+             len(dropped))
     return out_dir
