@@ -9,7 +9,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test demo book lint bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,19 @@ lint: setup
 demo: setup
 	$(BIN)/dam-mergekit demo
 
+# The book: every chapter executed offline, warnings as errors, into book/_build/html.
+BOOK_STAMP := $(VENV)/.dam-mergekit-book-installed
+
+$(BOOK_STAMP): $(STAMP)
+	$(BIN)/pip install -q $(TORCH_PAIR) -e ".[book]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3
+	touch $(BOOK_STAMP)
+
+book: $(BOOK_STAMP)
+	$(BIN)/jupyter-book build -W -n --keep-going book/
+
 bench: setup
 	$(BIN)/python benchmarks/bench_kernel.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache book/_build
