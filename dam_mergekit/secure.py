@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from dam_mergekit.errors import DamError
+from dam_mergekit.recipe.load import read_yaml
 
 SOURCE_METHODS = ("task_arithmetic", "ties", "dare_ties")
 KEPT_PARAMETERS = ("weight", "lambda")
@@ -272,12 +273,7 @@ def secure_file(src: str | os.PathLike, out: str | os.PathLike, *, force: bool =
     for path in (out, calib):
         if path.exists() and not force:
             raise DamError(f"{path}: already exists; pass --force to replace it")
-    try:
-        raw = yaml.safe_load(src.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DamError(f"{src}: recipe not found") from None
-    except yaml.YAMLError as err:
-        raise DamError(f"{src}: not valid YAML ({err})".replace("\n", " ")) from None
+    raw = read_yaml(src, "recipe")
     secured = secure_recipe(raw, str(calib), source=str(src))
     out.parent.mkdir(parents=True, exist_ok=True)
     temps = []

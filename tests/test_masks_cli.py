@@ -83,3 +83,12 @@ def test_validate_a_recipe_that_names_a_calibration_file(clip_models, tmp_path, 
     capsys.readouterr()
     assert main(["masks", "validate", str(derived), "--recipe", str(recipe)]) == 0
     assert capsys.readouterr().out.startswith(f"ok {derived}")
+
+
+def test_unreadable_recipes_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: dam\nmodels: [\n")
+    for recipe, message in ((bad, "not valid YAML"), (tmp_path / "none.yml", "recipe not found")):
+        assert main(["masks", "init", str(recipe), "--out", str(tmp_path / "m.safetensors")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1

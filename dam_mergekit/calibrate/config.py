@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dam_mergekit.errors import DamError
 
 ADAPTERS = ("clip", "causal_lm")
@@ -74,13 +72,10 @@ class CalibrationConfig:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationConfig:
+        from dam_mergekit.recipe.load import read_yaml
+
         where = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DamError(f"{where}: calibration file not found") from None
-        except yaml.YAMLError as err:
-            raise DamError(f"{where}: not valid YAML ({err})".replace("\n", " ")) from None
+        raw = read_yaml(path, "calibration file")
         if not isinstance(raw, dict):
             raise DamError(f"{where}: a calibration file is a YAML mapping of settings")
         return cls.from_dict(raw, where=where)

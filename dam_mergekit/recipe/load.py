@@ -14,6 +14,16 @@ from dam_mergekit.errors import DamError
 METHOD_NAMES = ("dam", "defense_aware_merging")
 
 
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """A YAML file's content, or a one-line DamError naming the file (``what``: "recipe", ...)."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as err:
+        raise DamError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+
+
 def load_recipe(source: str | os.PathLike | dict[str, Any]):
     """A ``MergeConfiguration`` from a YAML path or a dict, with a one-line error when invalid."""
     from mergekit.config import MergeConfiguration
@@ -22,13 +32,7 @@ def load_recipe(source: str | os.PathLike | dict[str, Any]):
     if isinstance(source, dict):
         data, where = source, "recipe"
     else:
-        where = str(source)
-        try:
-            data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DamError(f"{where}: recipe not found") from None
-        except yaml.YAMLError as err:
-            raise DamError(f"{where}: not valid YAML ({err})") from None
+        data, where = read_yaml(source, "recipe"), str(source)
     try:
         return MergeConfiguration.model_validate(data)
     except ValidationError as err:
