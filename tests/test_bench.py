@@ -3,18 +3,20 @@
 import json
 
 import pytest
+import yaml
 from zoo_fixtures import tiny_zoo  # noqa: F401
 
-from dam_mergekit.bench import check_succession, report, run_bench
+from dam_mergekit.bench import check_dam, check_succession, report, run_bench
 from dam_mergekit.errors import DamError
 
+QUICK = {"steps": 3, "final_steps": 1, "batch_size": 4}
 FIGURES = ("acc_avg", "asr_succession_avg", "asr_transfer_avg", "seconds")
 
 
 @pytest.mark.slow
 def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
     out = tmp_path / "bench"
-    results = run_bench(tiny_zoo, out)
+    results = run_bench(tiny_zoo, out, calibration=QUICK)
     for name in ("results.json", "summary.md", "acc_asr.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     saved = json.loads((out / "results.json").read_text())
@@ -28,6 +30,8 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
         "task_arithmetic_clean_control",
         "expert:digits",
         "control:digits",
+        "dam",
+        "dam_as_released",
     } <= names
     tasks = [t["name"] for t in saved["zoo"]["tasks"]]
     for row in saved["methods"].values():
@@ -40,6 +44,12 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
     assert "merge_method: ties" in recipe and "density: 0.2" in recipe
     assert "| task_arithmetic |" in (out / "summary.md").read_text()
     assert results["methods"]["task_arithmetic"]["der"] == 50.0
+    # the dam methods calibrated (short runs here) and merged through the guarded mergekit run
+    for name, mode in (("dam", "dam"), ("dam_as_released", "as_released")):
+        cal = yaml.safe_load((out / "work" / "seed0" / f"{name}-calibration.yml").read_text())
+        assert cal["mode"] == mode and cal["steps"] == QUICK["steps"] and cal["seed"] == 0
+        assert (out / "work" / "seed0" / f"{name}-calibration.masks.safetensors").is_file()
+        assert "merge_method: dam" in (out / "recipes" / "seed0" / f"{name}.yml").read_text()
 
 
 def test_bench_two_seeds_has_std(tiny_zoo, tmp_path):  # noqa: F811
@@ -55,6 +65,9 @@ def test_bench_two_seeds_has_std(tiny_zoo, tmp_path):  # noqa: F811
 def test_unknown_method_refused_before_work(tiny_zoo, tmp_path):  # noqa: F811
     with pytest.raises(DamError, match="unknown bench method"):
         run_bench(tiny_zoo, tmp_path / "x", only=["nope"])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(DamError, match="unknown calibration setting 'stepz'"):
+        run_bench(tiny_zoo, tmp_path / "x", calibration={"stepz": 3})
     assert not (tmp_path / "x").exists()
 
 
@@ -111,3 +124,19 @@ def test_check_succession_is_per_seed():
     results["seeds"] = [0, 1]
     failures = check_succession(results)
     assert len(failures) == 1 and failures[0].startswith("seed 1, d:")
+
+
+@pytest.mark.parametrize(
+    "dam_asr,dam_acc,ok",
+    [(20.0, 80.0, True), (70.0, 80.0, True), (71.0, 80.0, False), (10.0, 78.9, False)],
+)
+def test_check_dam(dam_asr, dam_acc, ok, capsys):
+    """dam must cut task arithmetic's succession ASR (90 here) by >= 20 points at ACC >= TA - 1."""
+    results = _results(90.0, 2.0, 3.0)
+    results["methods"]["task_arithmetic"]["asr_succession_avg"] = 90.0
+    results["methods"]["dam"] = {"asr_succession_avg": dam_asr, "acc_avg": dam_acc}
+    assert (check_dam(results) == []) is ok
+    assert report(results, check=True) == (0 if ok else 1)
+    assert ("DAM CHECK FAILED" in capsys.readouterr().out) is (not ok)
+    del results["methods"]["dam"]
+    assert check_dam(results) == []  # nothing to check when dam was not run

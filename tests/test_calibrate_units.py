@@ -3,6 +3,8 @@ and resuming from a checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -251,3 +253,104 @@ def test_infomax_penalises_collapse_that_entropy_rewards():
     spread = torch.tensor([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0]] * 2)
     assert torch.isclose(entropy(collapsed), entropy(spread))
     assert infomax(collapsed) > infomax(spread) + 1.0
+
+
+# -- perf_loss: distill and trigger_search: targeted ------------------------------------------
+
+
+def test_distill_rewards_the_expert_not_confidence():
+    from dam_mergekit.calibrate.adapters.base import distill, entropy
+
+    teacher = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    wrong_but_sure = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]])
+    assert entropy(wrong_but_sure) < entropy(teacher)  # what entropy minimisation chases
+    assert distill(teacher, teacher).abs() < 1e-6
+    assert distill(wrong_but_sure, teacher) > distill(teacher, teacher) + 1.0
+
+
+def test_distill_pairs_tasks_with_their_own_experts(tmp_path):
+    import shutil
+
+    zoo, plan, cal, _ = _setup(tmp_path, perf_loss="distill", steps=2, final_steps=1)
+    calib = Calibrator(plan, CalibrationConfig.load(cal), progress=False)
+    experts = [Path(str(e)).name for e in plan.experts]
+    assert {t: experts[i] for t, i in calib.teacher_of.items()} == {t: t for t in calib.tasks}
+    result = calib.run(write=False)
+    assert result.history[0]["L_perf"] >= 0  # a KL, not an entropy
+
+    # experts named otherwise: paired in recipe order when the numbers agree ...
+    renamed = []
+    for i, name in enumerate(experts):
+        shutil.copytree(zoo / "experts" / name, tmp_path / f"model-{i}")
+        renamed.append(str(tmp_path / f"model-{i}"))
+    recipe = write_recipe(
+        tmp_path, zoo, {**FAST, "perf_loss": "distill"}, name="renamed", experts=renamed
+    )
+    settings = dam_settings(load_recipe(recipe))
+    plan2 = plan_recipe(load_recipe(recipe))
+    logs = []
+    calib = Calibrator(
+        plan2, CalibrationConfig.load(settings.calibration), progress=False, log=logs.append
+    )
+    assert calib.teacher_of == {t: i for i, t in enumerate(calib.tasks)}
+    assert any("recipe order" in line for line in logs)
+    # ... and refused when they do not
+    data = yaml.safe_load(open(settings.calibration))
+    data["adapter_options"] = {"tasks": calib.tasks[:1]}
+    open(settings.calibration, "w").write(yaml.safe_dump(data))
+    with pytest.raises(DamError, match="perf_loss distill needs each task's own expert"):
+        Calibrator(plan2, CalibrationConfig.load(settings.calibration), progress=False)
+
+
+def test_targeted_trigger_search_pushes_towards_the_favoured_class():
+    from types import SimpleNamespace
+
+    stub = SimpleNamespace(cfg=SimpleNamespace(trigger_search="targeted"), dual=True)
+    adv = torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, 0.0], [0.0, 1.5, 0.2]], requires_grad=True)
+    pseudo = torch.tensor([0, 1, 1])
+    objective = Calibrator._trigger_objective(stub, adv, pseudo)
+    (grad,) = torch.autograd.grad(objective, adv)
+    # class 1 is favoured by the batch: ascending the objective raises its logit for every input
+    assert (grad[:, 1] > 0).all() and (grad[:, [0, 2]] <= 0).all()
+    stub.cfg.trigger_search = "untargeted"  # as published: away from the pseudo-labels
+    (grad,) = torch.autograd.grad(Calibrator._trigger_objective(stub, adv, pseudo), adv)
+    assert grad[0, 0] < 0 and grad[1, 1] < 0
+
+
+@pytest.mark.parametrize(
+    ("recipe_file", "adapter"),
+    [("recipes/dam-calibration.yml", "clip"), ("recipes/dam-llm-calibration.yml", "causal_lm")],
+)
+def test_shipped_calibration_files_hold_the_package_defaults(recipe_file, adapter):
+    """The bench calibrates with default_calibration; the recipes must describe the same run."""
+    from dam_mergekit.calibrate.config import default_calibration
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = yaml.safe_load((root / recipe_file).read_text())
+    defaults = CalibrationConfig(**default_calibration(adapter, shipped["data"])).settings()
+    assert CalibrationConfig(**shipped).settings() == defaults
+
+
+def test_planned_tensor_order_is_the_same_in_every_process(tmp_path):
+    """mergekit plans tensors in set order (it changes with PYTHONHASHSEED); calibration draws its
+    masks tensor by tensor, so the plan must sort them, or the same seed gives other masks."""
+    import os
+    import subprocess
+    import sys
+
+    _, plan, _, _ = _setup(tmp_path)
+    recipe = tmp_path / "dam.yml"
+    code = (
+        "import sys; from dam_mergekit.recipe.load import load_recipe; "
+        "from dam_mergekit.recipe.plan import plan_recipe; "
+        "print(','.join(t.name for t in plan_recipe(load_recipe(sys.argv[1])).float_tensors))"
+    )
+    orders = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(recipe)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        orders.add(out.stdout.strip().splitlines()[-1])
+    assert orders == {",".join(t.name for t in plan.float_tensors)}

@@ -21,7 +21,29 @@ NORMS = ("linf", "l2")
 GRANULARITIES = ("element", "row", "tensor")
 COEFFICIENT_SCOPES = ("layer", "task")
 SAFE_LOSSES = ("kl", "entropy")
-PERF_LOSSES = ("entropy", "infomax")
+PERF_LOSSES = ("entropy", "infomax", "distill")
+TRIGGER_SEARCHES = ("untargeted", "targeted")
+# What differs from the CalibrationConfig defaults (validated on CLIP zoos) for the built-in
+# causal-LM adapter, and the released code's settings (mode as_released). recipes/ agrees.
+CAUSAL_LM_SETTINGS: dict[str, Any] = {
+    "steps": 100,
+    "final_steps": 25,
+    "batch_size": 8,
+    "lr_perturb": 0.05,
+    "granularity": "row",
+}
+RELEASED_SETTINGS: dict[str, Any] = {
+    "mode": "as_released",
+    "init_logit": 0.0,
+    "lr_mask": 0.001,
+    "lr_coef": 0.001,
+    "lr_perturb": 0.0001,
+    "alpha": 0.1,
+    "coef_range": [0.0, 10.0],
+    "safe_loss": "entropy",
+    "perf_loss": "entropy",
+    "trigger_search": "untargeted",
+}
 FLOAT_KEYS = (
     "lr_mask",
     "lr_coef",
@@ -46,11 +68,11 @@ class CalibrationConfig:
     steps: int = 150  # alternating (coefficient, perturbation, M1, M2) steps
     final_steps: int = 50  # coefficient-only steps with the extracted (binary) masks fixed
     batch_size: int = 16
-    lr_mask: float = 0.05
+    lr_mask: float = 0.1
     lr_coef: float = 3e-3
     lr_perturb: float = 0.1  # step size of the perturbation (per step, in its norm)
     perturb_steps: int = 1  # ascent steps on the perturbation per outer step
-    alpha: float = 1.0  # weight of L_safe (in the M2 and the coefficient steps)
+    alpha: float = 3.0  # weight of L_safe (in the M2 and the coefficient steps)
     eps: float = 1.0  # norm bound of the perturbation
     norm: str = "l2"
     granularity: str = "element"
@@ -61,7 +83,12 @@ class CalibrationConfig:
     temperature: float = 0.5
     rescale: bool = True  # the released per-tensor mean rescaling (folded into coefficients)
     safe_loss: str = "kl"  # "kl": KL(clean || perturbed); "entropy": entropy on perturbed
-    perf_loss: str = "entropy"  # "infomax": entropy minus the entropy of the batch's mean
+    # "distill": KL from each task's own expert on clean inputs (default: does not collapse);
+    # "entropy" (as published); "infomax": entropy minus the entropy of the batch's mean
+    perf_loss: str = "distill"
+    # "untargeted" (as published): the proxy trigger moves inputs away from the merge's own
+    # predictions; "targeted": towards the one class it already favours (a backdoor's signature)
+    trigger_search: str = "targeted"
     seed: int = 0
     device: str = "cpu"
     memory_budget_gb: float | None = None  # refuse when the estimate exceeds it
@@ -128,6 +155,7 @@ class CalibrationConfig:
             ("coefficients", COEFFICIENT_SCOPES),
             ("safe_loss", SAFE_LOSSES),
             ("perf_loss", PERF_LOSSES),
+            ("trigger_search", TRIGGER_SEARCHES),
         ):
             if getattr(self, key) not in allowed:
                 raise bad(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -205,3 +233,17 @@ def check_device(device: str, where: str = "calibration") -> None:
             raise DamError(f"{where}: device 'mps' is not available here; set `device: cpu`")
         return
     raise DamError(f"{where}: device {device!r} is not supported; use cpu, cuda[:N] or mps")
+
+
+def default_calibration(adapter: str, data: str, **overrides: Any) -> dict[str, Any]:
+    """A whole calibration-file mapping: the defaults for a built-in adapter, then ``overrides``."""
+    out = asdict(CalibrationConfig(adapter=adapter, data=data))
+    for key in ("source", "checkpoint", "memory_budget_gb"):
+        out.pop(key)
+    out["coef_range"] = list(out["coef_range"])
+    if adapter == "causal_lm":
+        out.update(CAUSAL_LM_SETTINGS)
+    if overrides.get("mode") == "as_released":
+        out.update(RELEASED_SETTINGS)
+    out.update(overrides)
+    return out

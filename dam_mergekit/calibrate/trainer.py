@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from dam_mergekit.calibrate import concrete
 from dam_mergekit.calibrate.adapters import make_adapter
-from dam_mergekit.calibrate.adapters.base import entropy, infomax
+from dam_mergekit.calibrate.adapters.base import distill, entropy, infomax
 from dam_mergekit.calibrate.config import CalibrationConfig
 from dam_mergekit.calibrate.models import check_experts, load_tensors
 from dam_mergekit.calibrate.perturb import Perturbations
@@ -138,6 +138,27 @@ class Calibrator:
         }
         self.lams = {t.name: float(t.parameters.get("lambda", 1.0)) for t in self.tensors}
         self.dual = config.mode == "dam"
+        self.teacher_of = self._teachers() if self.dual and config.perf_loss == "distill" else {}
+
+    def _teachers(self) -> dict[str, int]:
+        """Each task's own expert (``perf_loss: distill``): by directory name, else recipe order."""
+        names = [Path(d).name for d in self.expert_dirs]
+        if all(names.count(t) == 1 for t in self.tasks):
+            return {t: names.index(t) for t in self.tasks}
+        if len(self.tasks) == self.n:
+            self.log(
+                "calibration: perf_loss distill pairs tasks and experts in recipe order: "
+                + ", ".join(
+                    f"{t}<-{e}"
+                    for t, e in zip(self.tasks, map(str, self.plan.experts), strict=True)
+                )
+            )
+            return {t: i for i, t in enumerate(self.tasks)}
+        raise DamError(
+            f"perf_loss distill needs each task's own expert, but the {len(self.tasks)} tasks "
+            f"({', '.join(self.tasks)}) match neither the {self.n} experts' directory names "
+            f"({', '.join(names)}) nor their number"
+        )
 
     # -- memory ------------------------------------------------------------------------------------
     def estimate_memory(self) -> int:
@@ -199,6 +220,10 @@ class Calibrator:
         ]
         self.model = self.adapter.load_model(self.base_dir)
         self.pnames = self.adapter.parameter_names(self.model, self.names)
+        self.teacher_params = {
+            t: {self.pnames[k]: self.experts[i][k] for k in self.names}
+            for t, i in self.teacher_of.items()
+        }
         self.s1 = {
             k: concrete.init_logits(
                 self.shapes[k], cfg.granularity, cfg.init_logit, device=dev
@@ -271,7 +296,14 @@ class Calibrator:
     def _task_losses(self, params, task: str, x, *, perturbed: bool) -> tuple[torch.Tensor, ...]:
         """(clean entropy, safety loss) for one batch; one forward over clean and perturbed."""
         clean = self.adapter.logits(self.model, params, task, x)
-        h = infomax(clean) if self.cfg.perf_loss == "infomax" and self.dual else entropy(clean)
+        if task in self.teacher_params:
+            with torch.no_grad():
+                teacher = self.adapter.logits(self.model, self.teacher_params[task], task, x)
+            h = distill(clean, teacher)
+        elif self.cfg.perf_loss == "infomax" and self.dual:
+            h = infomax(clean)
+        else:
+            h = entropy(clean)
         if not perturbed or self.cfg.alpha == 0:
             return h, torch.zeros((), device=h.device)
         adv = self.adapter.logits(self.model, params, task, x, self.perturb.deltas[task].detach())
@@ -317,11 +349,20 @@ class Calibrator:
                     pseudo = self.adapter.logits(self.model, params, t, x).argmax(-1)
                 delta = self.perturb.deltas[t].detach().clone().requires_grad_(True)
                 adv = self.adapter.logits(self.model, params, t, x, delta)
-                loss = F.cross_entropy(adv.float(), pseudo)
+                loss = self._trigger_objective(adv.float(), pseudo)
                 (grad,) = torch.autograd.grad(loss, delta)
                 self.perturb.step(t, grad)
                 flips += float((adv.argmax(-1) != pseudo).float().mean()) / len(self.tasks)
         return flips / self.cfg.perturb_steps
+
+    def _trigger_objective(self, adv: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        """What the proxy trigger ascends: away from the clean predictions, or (``targeted``)
+        towards the class the perturbed batch already favours most, as a backdoor trigger does."""
+        if self.cfg.trigger_search == "targeted" and self.dual:
+            logp = torch.log_softmax(adv, dim=-1)
+            favoured = logp.exp().mean(0).argmax()
+            return logp[:, favoured].mean()
+        return F.cross_entropy(adv, pseudo)
 
     def _mask_step(self) -> tuple[float, float]:
         cfg = self.cfg

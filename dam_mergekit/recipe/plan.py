@@ -71,6 +71,8 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
     base = config.base_model
     header_shapes = stored_tensors(model_dir(base), allow_pickle=allow_pickle)
     tensors, covered = [], set()
+    order = {n: i for i, n in enumerate(header_shapes)}
+    positions: dict[str, int] = {}
     for target in tasks:
         task = getattr(target, "tensor_task", None)
         if task is None or not hasattr(task, "output_weight"):
@@ -91,8 +93,12 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
             if ref != base
         }
         tensors.append(PlannedTensor(name, shape, dtype in FLOAT_DTYPES, params, weights))
+        positions[name] = order[stored]
         covered.add(stored)
     check_plan_covers_base(covered, model_dir(base), stored=header_shapes)
+    # mergekit's task order follows set iteration, which changes between processes; calibration
+    # draws its random masks tensor by tensor, so it needs one stable order: the base model's
+    tensors.sort(key=lambda t: positions[t.name])
     return RecipePlan(config=config, base=base, experts=experts, tensors=tensors)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from dam_mergekit.calibrate.perturb import PerturbationSpace
 from dam_mergekit.errors import DamError
@@ -115,6 +116,18 @@ def infomax(logits: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits.float(), dim=-1)
     marginal = probs.mean(0)
     return entropy(logits) + (marginal * torch.log(marginal.clamp_min(1e-12))).sum()
+
+
+def distill(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || merged), batch mean: how far the merge drifts from a task's own expert.
+
+    Unlike entropy it cannot be lowered by confident wrong answers, so masks trained on it do
+    not collapse on a merge that is only half right. The teacher sees clean inputs only.
+    """
+    target = torch.log_softmax(teacher.float(), dim=-1)
+    return F.kl_div(
+        torch.log_softmax(logits.float(), dim=-1), target, log_target=True, reduction="batchmean"
+    )
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
