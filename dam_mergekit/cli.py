@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "dam_mergekit.zoo.cli",
     "dam_mergekit.masks.cli",
     "dam_mergekit.calibrate.cli",
+    "dam_mergekit.calibrate.estimate",
     "dam_mergekit.evaluate",
     "dam_mergekit.bench",
     "dam_mergekit.convert.cli",

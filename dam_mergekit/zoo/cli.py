@@ -33,6 +33,36 @@ def add_parser(subparsers) -> None:
     b.add_argument("--out", required=True, help="zoo directory to create")
     b.set_defaults(func=_run_build)
 
+    imp = zoo_sub.add_parser(
+        "import-clip",
+        help="calibration data for the clip adapter from local images and class names",
+        description="Build a calibration-only CLIP zoo: unlabeled images of each task and its "
+        "zero-shot head from the base CLIPModel's text tower (a local directory).",
+    )
+    imp.add_argument("--clip", required=True, help="local full CLIPModel directory (safetensors)")
+    imp.add_argument(
+        "--task",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("NAME", "IMAGES", "CLASSES"),
+        help="task name, image folder or .npy array, class-name file (.txt lines or .json list); "
+        "repeat per task",
+    )
+    imp.add_argument(
+        "--template",
+        action="append",
+        help="prompt template with {} for the class name; repeat to average several "
+        "(default 'a photo of a {}.')",
+    )
+    imp.add_argument("--max-images", type=int, default=512, help="images per task (default 512)")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the image subset (default 0)")
+    imp.add_argument("--image-size", type=int, help="default: the CLIP vision config's image_size")
+    imp.add_argument("--device", default="cpu", help="device for the text tower (default cpu)")
+    imp.add_argument("--force", action="store_true", help="replace an existing output")
+    imp.add_argument("--out", required=True, help="calibration directory to create")
+    imp.set_defaults(func=_run_import_clip)
+
 
 def _run_build(args: argparse.Namespace) -> int:
     from dam_mergekit.zoo.build import build_zoo
@@ -51,4 +81,25 @@ def _run_build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = build_zoo(args.out, {k: v for k, v in options.items() if v is not None}, force=args.force)
     print(f"zoo at {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _run_import_clip(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dam_mergekit.zoo.import_clip import DEFAULT_TEMPLATES, TaskSource, import_clip
+
+    tasks = [TaskSource(name, Path(images), Path(classes)) for name, images, classes in args.task]
+    out = import_clip(
+        args.out,
+        args.clip,
+        tasks,
+        templates=args.template or DEFAULT_TEMPLATES,
+        max_images=args.max_images,
+        seed=args.seed,
+        image_size=args.image_size,
+        device=args.device,
+        force=args.force,
+    )
+    print(f"calibration data for {len(tasks)} task(s) at {out}")
     return 0

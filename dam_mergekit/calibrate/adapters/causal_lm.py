@@ -145,6 +145,7 @@ class CausalLMAdapter(CalibrationAdapter):
         return scores.view(batch["answers"], batch["n"]).T  # [n, answers]
 
     def activation_bytes(self, batch_size: int) -> int:
-        hidden = self.hidden or 256
+        from dam_mergekit.calibrate.estimate import causal_lm_activation_bytes
+
         answers = max(len(a) for a in self.answers.values())
-        return int(batch_size * answers * 64 * hidden * 4 * 40)
+        return causal_lm_activation_bytes(batch_size, answers, self.hidden or 256)

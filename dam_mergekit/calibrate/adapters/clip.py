@@ -84,8 +84,9 @@ class ClipAdapter(CalibrationAdapter):
         return head["logit_scale"] * features @ head["classes"].T
 
     def activation_bytes(self, batch_size: int) -> int:
-        c, h, w = next(iter(self.images.values())).shape[1:]
-        return int(batch_size * c * h * w * 4 * 200)  # generous: tiny ViTs keep ~100 maps
+        from dam_mergekit.calibrate.estimate import clip_activation_bytes
+
+        return clip_activation_bytes(batch_size, next(iter(self.images.values())).shape[1:])
 
 
 def _read_tensor(path: Path, key: str, task: str) -> torch.Tensor:

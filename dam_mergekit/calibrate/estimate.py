@@ -1,0 +1,299 @@
+"""What a calibration run costs, from shapes alone (``dam-mergekit estimate``).
+
+``peak_memory_bytes`` is the trainer's peak-memory formula (``Calibrator.estimate_memory``) as a
+function of tensor shapes, so it runs from a model's ``config.json`` without any weights: the
+model is built on the meta device and only its float state-dict shapes are read. The activation
+terms are the built-in adapters' own (``clip_activation_bytes``, ``causal_lm_activation_bytes``).
+
+Compute is counted in forward-pass equivalents (a backward costs two): per task and outer step the
+trainer runs the coefficient step (2 forwards, 2 backwards), the perturbation step (1 + 1 forwards,
+1 backward) and the mask step (2 forwards, 2 backwards): 16 batch passes; a final coefficient step
+is 10. A forward costs about ``2 * weights * tokens`` FLOPs. Time is that divided by an assumed
+sustained throughput: a lower bound that ignores the per-step merge and Python overhead, and a
+guess about the device, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dam_mergekit.errors import DamError
+
+BYTES_PER_FLOAT = 4  # calibration keeps every tensor in float32
+PASSES_PER_STEP = 16  # forward equivalents per task and batch row, one outer step
+PASSES_PER_FINAL_STEP = 10
+ASSUMED_TFLOPS = 50.0  # sustained float32/TF32 throughput for the time guess (an H100-class GPU)
+LM_PROMPT_TOKENS = 64  # the causal_lm adapter's activation estimate assumes this prompt length
+
+
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def peak_memory_bytes(
+    shapes: Iterable[Sequence[int]],
+    *,
+    experts: int,
+    granularity: str,
+    dual: bool,
+    batch_activation_bytes: int,
+    tasks: int,
+) -> int:
+    """Bytes a calibration run needs at its peak (the trainer's deliberately generous formula)."""
+    from dam_mergekit.calibrate.concrete import logit_shape
+
+    shapes = [tuple(s) for s in shapes]
+    params = sum(_numel(s) for s in shapes)
+    logits = sum(_numel(logit_shape(s, granularity)) for s in shapes)
+    logits *= (1 + experts) if dual else 1
+    floats = (
+        params * (experts + 1)  # base and experts
+        + params  # the model's own copy
+        + params * experts * 3  # deltas, masked deltas and their saved products
+        + params * 2  # merged tensors and their gradients
+        + logits * 6  # logits, grads, 2 Adam moments, samples
+    )
+    return int(floats * BYTES_PER_FLOAT + batch_activation_bytes * 2 * tasks)
+
+
+def clip_activation_bytes(batch_size: int, image_shape: Sequence[int]) -> int:
+    """The clip adapter's activation estimate for one batch of ``[C, H, W]`` images."""
+    c, h, w = (int(s) for s in image_shape)
+    return int(batch_size * c * h * w * 4 * 200)  # generous: tiny ViTs keep ~100 maps
+
+
+def causal_lm_activation_bytes(batch_size: int, answers: int, hidden: int) -> int:
+    """The causal_lm adapter's activation estimate (prompts x answers rows of ~64 tokens)."""
+    return int(batch_size * answers * LM_PROMPT_TOKENS * hidden * 4 * 40)
+
+
+def shapes_from_config(path: str | Path) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """``(architecture, {tensor: shape})`` of the float tensors a model's config describes.
+
+    ``path`` is a ``config.json`` or a directory holding one. A full ``CLIPModel`` config gives
+    its vision tower (``CLIPVisionModel``), which is what the CLIP recipes merge.
+    """
+    import torch
+    import transformers
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DamError(f"{file}: no config.json to estimate from")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DamError(f"{file}: not valid JSON ({err})") from None
+    model_type = raw.get("model_type")
+    try:
+        if model_type == "clip":
+            arch = "CLIPVisionModel"
+            config = transformers.CLIPVisionConfig(**raw.get("vision_config", {}))
+        else:
+            arch = (raw.get("architectures") or [None])[0]
+            rest = {k: v for k, v in raw.items() if k != "model_type"}
+            config = transformers.AutoConfig.for_model(str(model_type), **rest)
+        cls = getattr(transformers, str(arch), None)
+        if cls is None:
+            raise DamError(f"{file}: architecture {arch!r} is not a transformers model class")
+        with torch.device("meta"):
+            model = cls(config)
+    except (ValueError, TypeError, KeyError) as err:
+        raise DamError(f"{file}: cannot build the model from its config ({err})") from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
+    return arch, shapes
+
+
+@dataclass
+class Estimate:
+    """The numbers ``dam-mergekit estimate`` prints."""
+
+    architecture: str
+    tensors: int
+    parameters: int
+    experts: int
+    tasks: int
+    granularity: str
+    batch_size: int
+    steps: int
+    final_steps: int
+    peak_memory_bytes: int
+    weights_bytes: int  # base + experts in float32, part of the peak
+    forward_flops: float  # one input, one forward
+    total_flops: float
+    assumed_tflops: float
+    hours_at_assumed: float
+
+
+def estimate(
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    architecture: str,
+    adapter: str,
+    experts: int,
+    tasks: int,
+    granularity: str = "element",
+    batch_size: int = 16,
+    steps: int = 150,
+    final_steps: int = 50,
+    dual: bool = True,
+    raw_config: dict[str, Any] | None = None,
+    answers: int = 2,
+    assumed_tflops: float = ASSUMED_TFLOPS,
+) -> Estimate:
+    """Memory and compute of calibrating ``experts`` models of these shapes on ``tasks`` tasks."""
+    cfg = raw_config or {}
+    params = sum(_numel(s) for s in shapes.values())
+    if adapter == "clip":
+        vision = cfg.get("vision_config", cfg)
+        size, patch = int(vision.get("image_size", 224)), int(vision.get("patch_size", 32))
+        acts = clip_activation_bytes(batch_size, (3, size, size))
+        tokens, rows = (size // patch) ** 2 + 1, batch_size
+    elif adapter == "causal_lm":
+        hidden = int(cfg.get("hidden_size", 4096))
+        acts = causal_lm_activation_bytes(batch_size, answers, hidden)
+        tokens, rows = LM_PROMPT_TOKENS, batch_size * answers
+    else:
+        raise DamError(f"adapter {adapter!r}: the estimate knows clip and causal_lm only")
+    matmul = sum(_numel(s) for n, s in shapes.items() if len(s) >= 2 and "embed" not in n)
+    forward = 2.0 * matmul * tokens
+    passes = rows * tasks * (steps * PASSES_PER_STEP + final_steps * PASSES_PER_FINAL_STEP)
+    total = forward * passes
+    return Estimate(
+        architecture=architecture,
+        tensors=len(shapes),
+        parameters=params,
+        experts=experts,
+        tasks=tasks,
+        granularity=granularity,
+        batch_size=batch_size,
+        steps=steps,
+        final_steps=final_steps,
+        peak_memory_bytes=peak_memory_bytes(
+            shapes.values(),
+            experts=experts,
+            granularity=granularity,
+            dual=dual,
+            batch_activation_bytes=acts,
+            tasks=tasks,
+        ),
+        weights_bytes=params * (experts + 1) * BYTES_PER_FLOAT,
+        forward_flops=forward,
+        total_flops=total,
+        assumed_tflops=assumed_tflops,
+        hours_at_assumed=total / (assumed_tflops * 1e12) / 3600,
+    )
+
+
+def estimate_recipe(
+    recipe: str | Path,
+    *,
+    config: str | Path | None = None,
+    tasks: int | None = None,
+    answers: int = 2,
+    assumed_tflops: float = ASSUMED_TFLOPS,
+) -> Estimate:
+    """The estimate for a dam recipe and its calibration file; no weights or data are read."""
+    from dam_mergekit.calibrate.config import CalibrationConfig
+    from dam_mergekit.recipe.load import read_yaml
+
+    raw = read_yaml(recipe, "recipe")
+    if not isinstance(raw, dict) or not raw.get("base_model"):
+        raise DamError(f"{recipe}: not a recipe with a `base_model`")
+    base = str(raw["base_model"])
+    experts = [m.get("model") for m in raw.get("models") or [] if m.get("model") != base]
+    if not experts:
+        raise DamError(f"{recipe}: lists no expert models")
+    calibration = (raw.get("parameters") or {}).get("calibration")
+    if not calibration:
+        raise DamError(f"{recipe}: no `parameters: {{calibration: FILE}}` to estimate")
+    settings = read_yaml(calibration, "calibration file")
+    if not isinstance(settings, dict):
+        raise DamError(f"{calibration}: a calibration file is a YAML mapping of settings")
+    data = settings.get("data")
+    # The data and the device need not exist here: the estimate reads neither.
+    cal = CalibrationConfig.from_dict(
+        {**settings, "data": ".", "device": "cpu"}, where=str(calibration)
+    )
+    source = Path(config) if config else Path(base)
+    if not (source / "config.json").is_file() and not source.is_file():
+        raise DamError(
+            f"{source}: no local config.json for the base model; pass --config with a copy of "
+            "its config.json (hub ids are not resolved here)"
+        )
+    file = source / "config.json" if source.is_dir() else source
+    architecture, shapes = shapes_from_config(file)
+    if tasks is None:
+        wanted = cal.adapter_options.get("tasks")
+        manifest = Path(str(data)) / "zoo.json" if isinstance(data, str) else None
+        if wanted:
+            tasks = len(wanted)
+        elif manifest is not None and manifest.is_file():
+            tasks = len(json.loads(manifest.read_text(encoding="utf-8")).get("tasks", []))
+        else:
+            tasks = len(experts)
+    return estimate(
+        shapes,
+        architecture=architecture,
+        adapter=cal.adapter,
+        experts=len(experts),
+        tasks=tasks,
+        granularity=cal.granularity,
+        batch_size=cal.batch_size,
+        steps=cal.steps,
+        final_steps=cal.final_steps,
+        dual=cal.mode == "dam",
+        raw_config=json.loads(file.read_text(encoding="utf-8")),
+        answers=answers,
+        assumed_tflops=assumed_tflops,
+    )
+
+
+def format_estimate(e: Estimate, name: str) -> str:
+    gib = 2**30
+    return (
+        f"{name}: {e.architecture}, {e.tensors} tensors, {e.parameters / 1e6:.1f}M parameters, "
+        f"{e.experts} experts, {e.tasks} tasks, granularity {e.granularity}, batch {e.batch_size}, "
+        f"{e.steps}+{e.final_steps} steps\n"
+        f"  estimated peak memory {e.peak_memory_bytes / gib:.1f} GiB "
+        f"(of which base+expert weights {e.weights_bytes / gib:.1f} GiB)\n"
+        f"  compute {e.total_flops / 1e15:.1f} PFLOP ({e.forward_flops / 1e9:.1f} GFLOP per "
+        f"input forward): at least {e.hours_at_assumed * 60:.0f} min at an assumed "
+        f"{e.assumed_tflops:.0f} TFLOP/s (FLOPs only; a lower bound)"
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help="memory and compute of a recipe's calibration, from config.json alone",
+        description="Estimate a dam recipe's calibration (the trainer's memory formula) from the "
+        "base model's config.json; no weights, data or GPU needed.",
+    )
+    p.add_argument("recipe", help="a dam recipe with `parameters: {calibration: FILE}`")
+    p.add_argument("--config", help="the base model's config.json (default: BASE/config.json)")
+    p.add_argument("--tasks", type=int, help="calibration tasks (default: from data, or experts)")
+    p.add_argument("--answers", type=int, default=2, help="causal_lm: answers per task")
+    p.add_argument("--tflops", type=float, default=ASSUMED_TFLOPS, help="assumed sustained TFLOP/s")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=_cmd_estimate)
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    e = estimate_recipe(
+        args.recipe,
+        config=args.config,
+        tasks=args.tasks,
+        answers=args.answers,
+        assumed_tflops=args.tflops,
+    )
+    print(json.dumps(asdict(e), indent=2) if args.json else format_estimate(e, args.recipe))
+    return 0
