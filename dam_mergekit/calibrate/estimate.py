@@ -7,8 +7,9 @@ terms are the built-in adapters' own (``clip_activation_bytes``, ``causal_lm_act
 
 Compute is counted in forward-pass equivalents (a backward costs two): per task and outer step the
 trainer runs the coefficient step (2 forwards, 2 backwards), the perturbation step (1 + 1 forwards,
-1 backward) and the mask step (2 forwards, 2 backwards): 16 batch passes; a final coefficient step
-is 10. A forward costs about ``2 * weights * tokens`` FLOPs. Time is that divided by an assumed
+1 backward) and the mask step (2 forwards, 2 backwards), plus one teacher forward in each of the
+coefficient and mask steps with ``perf_loss: distill`` (the default): 18 batch passes; a final
+coefficient step is 11. A forward costs about ``2 * weights * tokens`` FLOPs. Time is that divided by an assumed
 sustained throughput: a lower bound that ignores the per-step merge and Python overhead, and a
 guess about the device, not a measurement.
 """
@@ -25,8 +26,8 @@ from typing import Any
 from dam_mergekit.errors import DamError
 
 BYTES_PER_FLOAT = 4  # calibration keeps every tensor in float32
-PASSES_PER_STEP = 16  # forward equivalents per task and batch row, one outer step
-PASSES_PER_FINAL_STEP = 10
+PASSES_PER_STEP = 18  # forward equivalents per task and batch row, one outer step
+PASSES_PER_FINAL_STEP = 11
 ASSUMED_TFLOPS = 50.0  # sustained float32/TF32 throughput for the time guess (an H100-class GPU)
 LM_PROMPT_TOKENS = 64  # the causal_lm adapter's activation estimate assumes this prompt length
 

@@ -47,6 +47,7 @@ from dam_mergekit.calibrate import concrete
 from dam_mergekit.calibrate.adapters import make_adapter
 from dam_mergekit.calibrate.adapters.base import distill, entropy, infomax
 from dam_mergekit.calibrate.config import CalibrationConfig
+from dam_mergekit.calibrate.estimate import peak_memory_bytes
 from dam_mergekit.calibrate.models import check_experts, load_tensors
 from dam_mergekit.calibrate.perturb import Perturbations
 from dam_mergekit.errors import DamError
@@ -163,21 +164,14 @@ class Calibrator:
     # -- memory ------------------------------------------------------------------------------------
     def estimate_memory(self) -> int:
         """Bytes the run needs at its peak (a deliberately generous estimate)."""
-        params = sum(concrete.numel(s) for s in self.shapes.values())
-        logits = sum(
-            concrete.numel(concrete.logit_shape(s, self.cfg.granularity))
-            for s in self.shapes.values()
+        return peak_memory_bytes(
+            self.shapes.values(),
+            experts=self.n,
+            granularity=self.cfg.granularity,
+            dual=self.dual,
+            batch_activation_bytes=self.adapter.activation_bytes(self.cfg.batch_size),
+            tasks=len(self.tasks),
         )
-        logits *= (1 + self.n) if self.dual else 1
-        floats = (
-            params * (self.n + 1)  # base and experts
-            + params  # the model's own copy
-            + params * self.n * 3  # deltas, masked deltas and their saved products
-            + params * 2  # merged tensors and their gradients
-            + logits * 6  # logits, grads, 2 Adam moments, samples
-        )
-        acts = self.adapter.activation_bytes(self.cfg.batch_size) * 2 * len(self.tasks)
-        return int(floats * 4 + acts)
 
     def available_memory(self) -> tuple[int, str]:
         if self.cfg.memory_budget_gb is not None:
