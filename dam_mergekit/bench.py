@@ -13,6 +13,7 @@ Methods (settings fixed here, from the literature, not tuned on any zoo):
 - ``dam``: DAM with the package's default calibration for the zoo's kind (``clip`` or
   ``causal_lm``, seeded with the zoo seed; see docs/calibration.md); the guarded merge calibrates
   first, so its seconds include calibration. ``dam_as_released``: the released algorithm.
+  ``dam_masks_only`` and ``dam_coefficients_only``: DAM's ablations (only one part learned).
 
 Every merge goes through mergekit's Python API from a recipe written to ``DIR/recipes/``. A method
 is a name plus a function returning a recipe dict, so a defense such as DAM plugs in with
@@ -141,7 +142,12 @@ _MERGES: dict[str, RecipeBuilder] = {
     "task_arithmetic_clean_control": clean_control_recipe,
 }
 # Calibrated methods: name -> calibration settings over the package defaults.
-_CALIBRATED: dict[str, dict[str, Any]] = {"dam": {}, "dam_as_released": {"mode": "as_released"}}
+_CALIBRATED: dict[str, dict[str, Any]] = {
+    "dam": {},
+    "dam_as_released": {"mode": "as_released"},
+    "dam_masks_only": {"train": "masks"},  # ablation: coefficients fixed at coef_init
+    "dam_coefficients_only": {"train": "coefficients"},  # ablation: masks all-ones
+}
 
 
 def register_method(name: str, recipe: RecipeBuilder) -> None:

@@ -354,3 +354,26 @@ def test_planned_tensor_order_is_the_same_in_every_process(tmp_path):
         assert out.returncode == 0, out.stderr
         orders.add(out.stdout.strip().splitlines()[-1])
     assert orders == {",".join(t.name for t in plan.float_tensors)}
+
+
+def test_ablations_learn_only_their_part(tmp_path):
+    """train: masks keeps every coefficient at coef_init; train: coefficients keeps all-ones masks."""
+    _, plan, cal, _ = _setup(tmp_path, steps=3, final_steps=2, init_logit=0.2)
+    data = yaml.safe_load(open(cal))
+
+    def run(part):
+        open(cal, "w").write(yaml.safe_dump({**data, "train": part}))
+        calib = Calibrator(plan, CalibrationConfig.load(cal), progress=False)
+        return calib, calib.run(write=False)
+
+    calib, masks_only = run("masks")
+    assert torch.all(calib.coef == data.get("coef_init", 0.3))
+    assert any(not bool(m.all()) for m in masks_only.masks.m1.values())  # the masks did learn
+    calib, coefs_only = run("coefficients")
+    assert all(bool(m.all()) for m in coefs_only.masks.m1.values())
+    assert all(bool(m.all()) for ms in coefs_only.masks.m2.values() for m in ms)
+    assert not torch.all(calib.coef == data.get("coef_init", 0.3))  # the coefficients did learn
+
+    open(cal, "w").write(yaml.safe_dump({**data, "train": "masks", "mode": "as_released"}))
+    with pytest.raises(DamError, match="ablation of mode dam"):
+        CalibrationConfig.load(cal)

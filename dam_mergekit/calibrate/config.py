@@ -23,6 +23,7 @@ COEFFICIENT_SCOPES = ("layer", "task")
 SAFE_LOSSES = ("kl", "entropy")
 PERF_LOSSES = ("entropy", "infomax", "distill")
 TRIGGER_SEARCHES = ("untargeted", "targeted")
+TRAIN_PARTS = ("both", "masks", "coefficients")
 # What differs from the CalibrationConfig defaults (validated on CLIP zoos) for the built-in
 # causal-LM adapter, and the released code's settings (mode as_released). recipes/ agrees.
 CAUSAL_LM_SETTINGS: dict[str, Any] = {
@@ -89,6 +90,9 @@ class CalibrationConfig:
     # "untargeted" (as published): the proxy trigger moves inputs away from the merge's own
     # predictions; "targeted": towards the one class it already favours (a backdoor's signature)
     trigger_search: str = "targeted"
+    # ablations (mode dam): "masks" keeps the coefficients at coef_init, "coefficients" keeps the
+    # masks all-ones; "both" is DAM
+    train: str = "both"
     seed: int = 0
     device: str = "cpu"
     memory_budget_gb: float | None = None  # refuse when the estimate exceeds it
@@ -156,6 +160,7 @@ class CalibrationConfig:
             ("safe_loss", SAFE_LOSSES),
             ("perf_loss", PERF_LOSSES),
             ("trigger_search", TRIGGER_SEARCHES),
+            ("train", TRAIN_PARTS),
         ):
             if getattr(self, key) not in allowed:
                 raise bad(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -172,6 +177,8 @@ class CalibrationConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise bad(f"{key} must be a number > 0, got {value!r}")
+        if self.train != "both" and self.mode != "dam":
+            raise bad(f"train: {self.train} is an ablation of mode dam, not of {self.mode}")
         if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0):
             raise bad(f"alpha must be a number >= 0, got {self.alpha!r}")
         low, high = self.coef_range

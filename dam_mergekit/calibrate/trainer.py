@@ -544,11 +544,13 @@ class Calibrator:
             m1 = {k: v.detach() for k, v in m1.items()}
             m2 = {k: [x.detach() for x in v] for k, v in m2.items()}
             t0 = time.perf_counter()
-            coef_perf, coef_safe = self._coef_step(m1, m2, safe=self.dual)
+            if cfg.train != "masks":  # ablation "masks only": coefficients stay at coef_init
+                perf, safe = self._coef_step(m1, m2, safe=self.dual)
             t1 = time.perf_counter()
             flips = self._perturb_step(m1, m2)
             t2 = time.perf_counter()
-            perf, safe = self._mask_step()
+            if cfg.train != "coefficients":  # ablation "coefficients only": masks stay all-ones
+                perf, safe = self._mask_step()
             t3 = time.perf_counter()
             timings["coefficients"] += t1 - t0
             timings["perturbation"] += t2 - t1
@@ -565,7 +567,7 @@ class Calibrator:
             with torch.no_grad():
                 self.coef.fill_(cfg.coef_init)
             self.opt_c = torch.optim.Adam([self.coef], lr=cfg.lr_coef)
-        for step in range(cfg.final_steps):
+        for step in range(cfg.final_steps if cfg.train != "masks" else 0):
             if self.dual:
                 perf, safe = self._coef_step(m1, m2, rescale=rescale, safe=True)
                 flips = self._perturb_step(m1, m2, rescale=rescale)
