@@ -8,11 +8,13 @@ One outer step (mode ``dam``):
 
 1. sample M1 and every M2 from their Concrete logits;
 2. coefficient step (inner, AdaMerging-style, masks detached) on
-   ``sum_t H(f(x_t)) + alpha * L_safe``, then clamp to ``coef_range``. The safety term is part of
+   ``L_perf + alpha * L_safe``, then clamp to ``coef_range``. The safety term is part of
    this step on purpose: clean entropy alone rewards a confidently backdoored expert;
-3. perturbation step: each task's universal perturbation ascends the cross-entropy against the
-   merged model's own clean pseudo-labels, projected into its norm ball;
-4. mask steps on one forward: M1 descends ``L_perf = sum_t H(f(x_t))``; every M2 descends
+3. perturbation step: each task's universal perturbation ascends its ``trigger_search`` objective
+   (towards the class the perturbed batch favours, or away from the merge's own clean
+   predictions), projected into its norm ball;
+4. mask steps on one forward: M1 descends ``L_perf`` (``perf_loss``: by default the KL from each
+   task's own expert on clean inputs; entropy as published); every M2 descends
    ``L_perf + alpha * L_safe`` with ``L_safe = sum_t KL(f(x_t) || f(x_t + delta_t))`` (or the
    entropy on perturbed inputs, as released). The clean term stays in M2's objective so that an
    M2 entry is only dropped when that does not cost clean performance.
@@ -288,7 +290,7 @@ class Calibrator:
 
     # -- losses ------------------------------------------------------------------------------------
     def _task_losses(self, params, task: str, x, *, perturbed: bool) -> tuple[torch.Tensor, ...]:
-        """(clean entropy, safety loss) for one batch; one forward over clean and perturbed."""
+        """(clean loss L_perf, safety loss) for one batch (clean and perturbed forwards)."""
         clean = self.adapter.logits(self.model, params, task, x)
         if task in self.teacher_params:
             with torch.no_grad():
