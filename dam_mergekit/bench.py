@@ -469,18 +469,12 @@ def run_bench(
 
 
 def _check_calibration(calibration: dict[str, Any] | None) -> None:
-    """Refuse unknown calibration settings before any merge runs."""
-    from dataclasses import fields
-
+    """Refuse unknown calibration settings before any merge runs (adapter and data are the bench's)."""
     from dam_mergekit.calibrate.config import CalibrationConfig
 
-    known = {f.name for f in fields(CalibrationConfig)} - {"source", "adapter", "data"}
-    unknown = sorted(set(calibration or {}) - known)
-    if unknown:
-        raise DamError(
-            f"unknown calibration setting {unknown[0]!r} for the bench; known: "
-            + ", ".join(sorted(known))
-        )
+    CalibrationConfig.check_keys(
+        calibration or {}, "bench --calibration", exclude=("adapter", "data")
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -66,7 +66,7 @@ def test_unknown_method_refused_before_work(tiny_zoo, tmp_path):  # noqa: F811
     with pytest.raises(DamError, match="unknown bench method"):
         run_bench(tiny_zoo, tmp_path / "x", only=["nope"])
     assert not (tmp_path / "x").exists()
-    with pytest.raises(DamError, match="unknown calibration setting 'stepz'"):
+    with pytest.raises(DamError, match="bench --calibration: unknown setting 'stepz'"):
         run_bench(tiny_zoo, tmp_path / "x", calibration={"stepz": 3})
     assert not (tmp_path / "x").exists()
 

@@ -112,13 +112,18 @@ class CalibrationConfig:
         return cls.from_dict(raw, where=where)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], *, where: str = "calibration") -> CalibrationConfig:
-        known = {f.name for f in fields(cls)} - {"source"}
+    def check_keys(cls, raw: dict[str, Any], where: str, *, exclude: tuple[str, ...] = ()) -> None:
+        """Refuse a key that is not a setting (a typo must not fall back to a default)."""
+        known = {f.name for f in fields(cls)} - {"source", *exclude}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise DamError(
                 f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}"
             )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, where: str = "calibration") -> CalibrationConfig:
+        cls.check_keys(raw, where)
         values = dict(raw)
         if "coef_range" in values:
             rng = values["coef_range"]
