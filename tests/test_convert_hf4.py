@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _hf4_fixtures import rewrite_as_hf4
 from safetensors.torch import load_file, save_file
 
 from dam_mergekit.cli import main
@@ -32,16 +33,7 @@ def save_hf4(cls_name: str, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(transformers.CLIPVisionConfig(**VISION))
     model.save_pretrained(out)
-    state = load_file(str(out / "model.safetensors"))
-    old = {
-        k if k.startswith(("vision_model.", "visual_projection")) else f"vision_model.{k}": v
-        for k, v in state.items()
-    }
-    old["vision_model.embeddings.position_ids"] = torch.arange(5).unsqueeze(0)
-    save_file(old, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    config["transformers_version"] = "4.40.0"
-    (out / "config.json").write_text(json.dumps(config))
+    rewrite_as_hf4(out)
     (out / "preprocessor_config.json").write_text("{}")
     return out
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from _hf4_fixtures import rewrite_as_hf4
+from safetensors.torch import load_file
 
 from dam_mergekit.calibrate.config import CalibrationConfig
 from dam_mergekit.calibrate.estimate import estimate_recipe, peak_memory_bytes, shapes_from_config
@@ -320,13 +321,7 @@ def _save_hf4_vision(vision_state: dict, config, out: Path, noise: float, seed: 
             if value.is_floating_point():
                 value.copy_(vision_state[key] + noise * torch.randn(value.shape, generator=gen))
     model.save_pretrained(out)
-    state = load_file(str(out / "model.safetensors"))
-    old = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in state.items()}
-    old["vision_model.embeddings.position_ids"] = torch.arange(5).unsqueeze(0)
-    save_file(old, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["transformers_version"] = "4.40.0"
-    (out / "config.json").write_text(json.dumps(cfg))
+    rewrite_as_hf4(out)
 
 
 @pytest.fixture(scope="module")
