@@ -121,6 +121,13 @@ def test_vocabulary_permutation_is_refused(llama_models, tmp_path):
     refused(recipe, tmp_path / "out", "tokenizer_source.*misalign")
 
 
+def test_merge_under_torchrun_is_refused(setup, monkeypatch):
+    """torchrun would start one merge per process into one output directory."""
+    recipe, _, out = setup
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused(recipe, out, "under torchrun, run `dam-mergekit calibrate RECIPE`")
+
+
 def test_pickle_checkpoints_are_refused_unless_allowed(llama_models, tmp_path, capsys):
     from safetensors.torch import load_file
 

@@ -8,7 +8,13 @@ from dam_mergekit.errors import DamError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    cal = sub.add_parser("calibrate", help="learn the masks of a dam recipe (no merge)")
+    cal = sub.add_parser(
+        "calibrate",
+        help="learn the masks of a dam recipe (no merge)",
+        description="Learn the masks of a dam recipe without merging. Under `torchrun "
+        "--nproc-per-node N -m dam_mergekit.cli calibrate RECIPE` the calibration state is "
+        "sharded over the N processes with torch FSDP (docs/calibration.md).",
+    )
     cal.add_argument("recipe", help="a dam recipe with `parameters: {calibration: FILE}`")
     cal.add_argument(
         "--force", action="store_true", help="calibrate even when the mask file is up to date"
@@ -19,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from dam_mergekit.calibrate.hook import ensure_masks
+    from dam_mergekit.calibrate.launch import is_main_process
     from dam_mergekit.recipe.load import dam_settings, is_dam, load_recipe, mask_path_for
     from dam_mergekit.recipe.plan import plan_recipe
 
@@ -36,6 +43,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = ensure_masks(
         plan, path, settings.calibration, force=args.force, progress=not args.no_progress
     )
+    if not is_main_process():
+        return 0
     if result is None:
         print(f"{path} is up to date (use --force to calibrate again)")
     else:

@@ -47,14 +47,29 @@ def peak_memory_bytes(
     dual: bool,
     batch_activation_bytes: int,
     tasks: int,
+    world_size: int = 1,
 ) -> int:
-    """Bytes a calibration run needs at its peak (the trainer's deliberately generous formula)."""
+    """Bytes a calibration run needs at its peak (the trainer's deliberately generous formula).
+
+    With ``world_size > 1`` (the FSDP-sharded trainer) it is the peak of one process: base,
+    experts and logits are split ``world_size`` ways, the model keeps no weights of its own (the
+    merged ones are swapped in), and the merge is recomputed in backward, so its intermediates
+    exist for one tensor (gathered whole) at a time.
+    """
     from dam_mergekit.calibrate.concrete import logit_shape
 
     shapes = [tuple(s) for s in shapes]
     params = sum(_numel(s) for s in shapes)
     logits = sum(_numel(logit_shape(s, granularity)) for s in shapes)
     logits *= (1 + experts) if dual else 1
+    if world_size > 1:
+        largest = max((_numel(s) for s in shapes), default=0)
+        floats = (
+            (params * (experts + 1) + logits * 6) / world_size  # this process's shards
+            + params * 2  # merged tensors and their gradients
+            + largest * (experts + 1) * 5  # one tensor gathered, its deltas and products
+        )
+        return int(floats * BYTES_PER_FLOAT + batch_activation_bytes * 2 * tasks)
     floats = (
         params * (experts + 1)  # base and experts
         + params  # the model's own copy
@@ -126,12 +141,13 @@ class Estimate:
     batch_size: int
     steps: int
     final_steps: int
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # of one process when processes > 1
     weights_bytes: int  # base + experts in float32, part of the peak
     forward_flops: float  # one input, one forward
     total_flops: float
     assumed_tflops: float
     hours_at_assumed: float
+    processes: int = 1  # FSDP-sharded calibration (torchrun); every process runs every batch
 
 
 def estimate(
@@ -149,6 +165,7 @@ def estimate(
     raw_config: dict[str, Any] | None = None,
     answers: int = 2,
     assumed_tflops: float = ASSUMED_TFLOPS,
+    processes: int = 1,
 ) -> Estimate:
     """Memory and compute of calibrating ``experts`` models of these shapes on ``tasks`` tasks."""
     cfg = raw_config or {}
@@ -185,12 +202,14 @@ def estimate(
             dual=dual,
             batch_activation_bytes=acts,
             tasks=tasks,
+            world_size=processes,
         ),
         weights_bytes=params * (experts + 1) * BYTES_PER_FLOAT,
         forward_flops=forward,
         total_flops=total,
         assumed_tflops=assumed_tflops,
         hours_at_assumed=total / (assumed_tflops * 1e12) / 3600,
+        processes=processes,
     )
 
 
@@ -201,10 +220,14 @@ def estimate_recipe(
     tasks: int | None = None,
     answers: int = 2,
     assumed_tflops: float = ASSUMED_TFLOPS,
+    processes: int = 1,
 ) -> Estimate:
     """The estimate for a dam recipe and its calibration file; no weights or data are read."""
     from dam_mergekit.calibrate.config import CalibrationConfig
     from dam_mergekit.recipe.load import read_yaml
+
+    if processes < 1:
+        raise DamError(f"processes must be >= 1, got {processes}")
 
     raw = read_yaml(recipe, "recipe")
     if not isinstance(raw, dict) or not raw.get("base_model"):
@@ -255,17 +278,22 @@ def estimate_recipe(
         raw_config=json.loads(file.read_text(encoding="utf-8")),
         answers=answers,
         assumed_tflops=assumed_tflops,
+        processes=processes,
     )
 
 
 def format_estimate(e: Estimate, name: str) -> str:
     gib = 2**30
+    where = (
+        f"per process, state sharded over {e.processes} processes"
+        if e.processes > 1
+        else "of which base+expert weights " + f"{e.weights_bytes / gib:.1f} GiB"
+    )
     return (
         f"{name}: {e.architecture}, {e.tensors} tensors, {e.parameters / 1e6:.1f}M parameters, "
         f"{e.experts} experts, {e.tasks} tasks, granularity {e.granularity}, batch {e.batch_size}, "
         f"{e.steps}+{e.final_steps} steps\n"
-        f"  estimated peak memory {e.peak_memory_bytes / gib:.1f} GiB "
-        f"(of which base+expert weights {e.weights_bytes / gib:.1f} GiB)\n"
+        f"  estimated peak memory {e.peak_memory_bytes / gib:.1f} GiB ({where})\n"
         f"  compute {e.total_flops / 1e15:.1f} PFLOP ({e.forward_flops / 1e9:.1f} GFLOP per "
         f"input forward): at least {e.hours_at_assumed * 60:.0f} min at an assumed "
         f"{e.assumed_tflops:.0f} TFLOP/s (FLOPs only; a lower bound)"
@@ -284,6 +312,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=int, help="calibration tasks (default: from data, or experts)")
     p.add_argument("--answers", type=int, default=2, help="causal_lm: answers per task")
     p.add_argument("--tflops", type=float, default=ASSUMED_TFLOPS, help="assumed sustained TFLOP/s")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="peak memory of one process of a sharded calibration (torchrun --nproc-per-node N)",
+    )
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_cmd_estimate)
 
@@ -295,6 +329,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         answers=args.answers,
         assumed_tflops=args.tflops,
+        processes=args.processes,
     )
     print(json.dumps(asdict(e), indent=2) if args.json else format_estimate(e, args.recipe))
     return 0

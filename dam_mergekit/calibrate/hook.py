@@ -67,6 +67,7 @@ def ensure_masks(
     progress: bool = True,
 ):
     """Learn the mask file when it is missing or stale; return the CalibrationResult or None."""
+    from dam_mergekit.calibrate.launch import is_main_process
     from dam_mergekit.calibrate.trainer import calibrate
 
     config = CalibrationConfig.load(calibration_path)
@@ -75,7 +76,9 @@ def ensure_masks(
     if reason is None:
         LOG.info("%s is up to date with %s", mask_path, calibration_path)
         return None
-    print(
-        f"dam-mergekit: calibrating {mask_path} from {calibration_path}: {reason}", file=sys.stderr
-    )
+    if is_main_process():
+        print(
+            f"dam-mergekit: calibrating {mask_path} from {calibration_path}: {reason}",
+            file=sys.stderr,
+        )
     return calibrate(plan, config, mask_path, allow_pickle=allow_pickle, progress=progress)

@@ -209,33 +209,7 @@ class Calibrator:
         torch.manual_seed(cfg.seed)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
-        self.base = load_tensors(self.base_dir, self.names, dev, allow_pickle=self.allow_pickle)
-        self.experts = [
-            load_tensors(d, self.names, dev, allow_pickle=self.allow_pickle)
-            for d in self.expert_dirs
-        ]
-        self.model = self.adapter.load_model(self.base_dir)
-        self.pnames = self.adapter.parameter_names(self.model, self.names)
-        self.teacher_params = {
-            t: {self.pnames[k]: self.experts[i][k] for k in self.names}
-            for t, i in self.teacher_of.items()
-        }
-        self.s1 = {
-            k: concrete.init_logits(
-                self.shapes[k], cfg.granularity, cfg.init_logit, device=dev
-            ).requires_grad_(True)
-            for k in self.names
-        }
-        self.s2 = (
-            {
-                k: concrete.init_logits(
-                    self.shapes[k], cfg.granularity, cfg.init_logit, experts=self.n, device=dev
-                ).requires_grad_(True)
-                for k in self.names
-            }
-            if self.dual
-            else {}
-        )
+        self._init_state()
         rows = len(self.names) if cfg.coefficients == "layer" else 1
         self.coef = torch.full((rows, self.n), cfg.coef_init, device=dev, requires_grad=True)
         self.opt_m1 = torch.optim.Adam(list(self.s1.values()), lr=cfg.lr_mask)
@@ -247,6 +221,36 @@ class Calibrator:
         self.perturb = Perturbations(
             spaces, norm=cfg.norm, eps=cfg.eps, lr=cfg.lr_perturb, bounded=self.dual, device=dev
         )
+
+    def _init_state(self) -> None:
+        """The model, the base and expert tensors, and the mask logits (all on this device)."""
+        dev = self.device
+        self.base = load_tensors(self.base_dir, self.names, dev, allow_pickle=self.allow_pickle)
+        self.experts = [
+            load_tensors(d, self.names, dev, allow_pickle=self.allow_pickle)
+            for d in self.expert_dirs
+        ]
+        self.model = self.adapter.load_model(self.base_dir)
+        self.pnames = self.adapter.parameter_names(self.model, self.names)
+        self.teacher_params = {
+            t: {self.pnames[k]: self.experts[i][k] for k in self.names}
+            for t, i in self.teacher_of.items()
+        }
+        self.s1 = {k: self._logits(k) for k in self.names}
+        self.s2 = {k: self._logits(k, experts=self.n) for k in self.names} if self.dual else {}
+
+    def _logits(self, name: str, experts: int = 0) -> torch.Tensor:
+        """Initial mask logits of one tensor (M1; M2 with ``experts``), trainable."""
+        return concrete.init_logits(
+            self.shapes[name],
+            self.cfg.granularity,
+            self.cfg.init_logit,
+            experts=experts,
+            device=self.device,
+        ).requires_grad_(True)
+
+    def _teacher_params(self, task: str) -> dict[str, torch.Tensor]:
+        return self.teacher_params[task]
 
     def _coef_row(self, k: int) -> torch.Tensor:
         return self.coef[k if self.coef.shape[0] > 1 else 0]
@@ -288,13 +292,27 @@ class Calibrator:
         m2 = {k: list(concrete.sample(s, T, self.noise_gen).unbind(0)) for k, s in self.s2.items()}
         return m1, m2
 
+    def _step_masks(self) -> tuple[dict, dict]:
+        """The step's mask sample, detached: the coefficient and perturbation steps use it."""
+        m1, m2 = self._sample_masks()
+        m1 = {k: v.detach() for k, v in m1.items()}
+        m2 = {k: [x.detach() for x in v] for k, v in m2.items()}
+        return m1, m2
+
     # -- losses ------------------------------------------------------------------------------------
-    def _task_losses(self, params, task: str, x, *, perturbed: bool) -> tuple[torch.Tensor, ...]:
-        """(clean loss L_perf, safety loss) for one batch (clean and perturbed forwards)."""
+    def _task_losses(
+        self, params, task: str, x, *, perturbed: bool, safe_params=None
+    ) -> tuple[torch.Tensor, ...]:
+        """(clean loss L_perf, safety loss) for one batch (clean and perturbed forwards).
+
+        ``safe_params`` (default ``params``) are the parameters of the perturbed forward: the
+        sharded trainer passes a copy built with M1 detached, so one backward gives M1 the
+        gradient of L_perf alone.
+        """
         clean = self.adapter.logits(self.model, params, task, x)
-        if task in self.teacher_params:
+        if task in self.teacher_of:
             with torch.no_grad():
-                teacher = self.adapter.logits(self.model, self.teacher_params[task], task, x)
+                teacher = self.adapter.logits(self.model, self._teacher_params(task), task, x)
             h = distill(clean, teacher)
         elif self.cfg.perf_loss == "infomax" and self.dual:
             h = infomax(clean)
@@ -302,7 +320,13 @@ class Calibrator:
             h = entropy(clean)
         if not perturbed or self.cfg.alpha == 0:
             return h, torch.zeros((), device=h.device)
-        adv = self.adapter.logits(self.model, params, task, x, self.perturb.deltas[task].detach())
+        adv = self.adapter.logits(
+            self.model,
+            params if safe_params is None else safe_params,
+            task,
+            x,
+            self.perturb.deltas[task].detach(),
+        )
         if self.cfg.safe_loss == "entropy" or not self.dual:
             return h, entropy(adv)
         target = torch.softmax(clean.detach().float(), dim=-1)
@@ -426,16 +450,16 @@ class Calibrator:
     def _state(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for k, s in self.s1.items():
-            out[f"s1/{k}"] = s.detach()
+            out[f"s1/{k}"] = _local(s).detach()
         for k, s in self.s2.items():
-            out[f"s2/{k}"] = s.detach()
+            out[f"s2/{k}"] = _local(s).detach()
         out["coef"] = self.coef.detach()
         for tag, opt in (("m1", self.opt_m1), ("m2", self.opt_m2), ("c", self.opt_c)):
             if opt is None:
                 continue
             for i, p in enumerate(opt.param_groups[0]["params"]):
                 for key, value in opt.state.get(p, {}).items():
-                    out[f"opt/{tag}/{i}/{key}"] = torch.as_tensor(value).reshape(-1).float()
+                    out[f"opt/{tag}/{i}/{key}"] = torch.as_tensor(_local(value)).reshape(-1).float()
         out.update(self.perturb.state())
         out["rng/data"] = self.data_gen.get_state()
         out["rng/noise"] = self.noise_gen.get_state()
@@ -444,9 +468,9 @@ class Calibrator:
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k, s in self.s1.items():
-                s.copy_(state[f"s1/{k}"])
+                _local(s).copy_(state[f"s1/{k}"])
             for k, s in self.s2.items():
-                s.copy_(state[f"s2/{k}"])
+                _local(s).copy_(state[f"s2/{k}"])
             self.coef.copy_(state["coef"])
         for tag, opt in (("m1", self.opt_m1), ("m2", self.opt_m2), ("c", self.opt_c)):
             if opt is None:
@@ -457,11 +481,8 @@ class Calibrator:
                     continue
                 opt.state[p] = {
                     "step": state[prefix + "step"].reshape(()).clone(),
-                    "exp_avg": state[prefix + "exp_avg"].reshape(p.shape).to(p.device).clone(),
-                    "exp_avg_sq": state[prefix + "exp_avg_sq"]
-                    .reshape(p.shape)
-                    .to(p.device)
-                    .clone(),
+                    "exp_avg": _like(p, state[prefix + "exp_avg"]),
+                    "exp_avg_sq": _like(p, state[prefix + "exp_avg_sq"]),
                 }
         self.perturb.load_state(state)
         self.data_gen.set_state(state["rng/data"])
@@ -542,9 +563,7 @@ class Calibrator:
         )
         t_all = time.perf_counter()
         for step in range(start, cfg.steps):
-            m1, m2 = self._sample_masks()
-            m1 = {k: v.detach() for k, v in m1.items()}
-            m2 = {k: [x.detach() for x in v] for k, v in m2.items()}
+            m1, m2 = self._step_masks()
             t0 = time.perf_counter()
             if cfg.train != "masks":  # ablation "masks only": coefficients stay at coef_init
                 perf, safe = self._coef_step(m1, m2, safe=self.dual)
@@ -626,23 +645,27 @@ class Calibrator:
                 "m1_keep": keep1,
             }
             if self.dual:
-                for i in range(self.n):
-                    rec[f"m2_keep_{i}"] = _mean_prob([s[i] for s in self.s2.values()])
+                for i, keep in enumerate(_keep_per_expert(self.s2.values(), self.n)):
+                    rec[f"m2_keep_{i}"] = keep
             for i, c in enumerate(coef):
                 rec[f"coef_{i}"] = c
             for t, d in self.perturb.deltas.items():
                 rec[f"delta_norm_{t}"] = float(d.detach().norm())
         return rec
 
+    def _final_tensors(self, m1, m2, rescale):
+        """Per tensor: (index, name, M1, M2 list, rescale factors, base, expert tensors)."""
+        for k, name in enumerate(self.names):
+            experts = [e[name] for e in self.experts]
+            yield k, name, m1.get(name), m2.get(name), rescale[name], self.base[name], experts
+
     def _finish(self, m1, m2, rescale) -> tuple[MaskSet, dict[str, torch.Tensor]]:
         """The mask set to write and the merged tensors, both from exactly the same values."""
         masks = MaskSet()
         merged: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for k, name in enumerate(self.names):
-                a = m1.get(name)
-                b = m2.get(name)
-                coef = (self._coef_row(k).detach() * rescale[name]).float().cpu()
+            for k, name, a, b, r, base, experts in self._final_tensors(m1, m2, rescale):
+                coef = (self._coef_row(k).detach() * r).float().cpu()
                 a_cpu = None if a is None else a.cpu()
                 b_cpu = None if b is None else [x.cpu() for x in b]
                 if self.dual:
@@ -652,8 +675,8 @@ class Calibrator:
                     masks.m1[name] = a_cpu.float().clamp(0, 1)
                 masks.coefficients[name] = coef
                 merged[name] = merge_tensor(
-                    self.base[name].cpu(),
-                    [e[name].cpu() for e in self.experts],
+                    base.cpu(),
+                    [e.cpu() for e in experts],
                     self.weights[name],
                     lam=self.lams[name],
                     m1=masks.m1[name].float(),
@@ -666,9 +689,41 @@ class Calibrator:
 def _mean_prob(logits) -> float:
     total, count = 0.0, 0
     for s in logits:
-        total += float(torch.sigmoid(s.detach()).sum())
+        total += float(_full(torch.sigmoid(s.detach()).sum()))
         count += s.numel()
     return total / max(count, 1)
+
+
+def _keep_per_expert(logits, n: int) -> list[float]:
+    """Mean keep probability of each expert's M2 (logits are ``[n, ...]`` per tensor)."""
+    total, count = torch.zeros(n, dtype=torch.float64), 0
+    for s in logits:
+        total += _full(torch.sigmoid(s.detach()).reshape(n, -1).sum(1)).double().cpu()
+        count += s.numel() // n
+    return (total / max(count, 1)).tolist()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a (possibly FSDP-sharded) tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (all of it, unless FSDP sharded it)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _like(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """An optimizer state for ``param`` from its saved (local, flattened) values."""
+    local = _local(param)
+    value = flat.reshape(local.shape).to(local.device).clone()
+    if local is param:
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -691,7 +746,18 @@ def calibrate(
     progress: bool = True,
     write: bool = True,
 ) -> CalibrationResult:
-    """Run one calibration (all checks before training) and write the mask file."""
-    return Calibrator(
-        plan, config, mask_path=mask_path, allow_pickle=allow_pickle, progress=progress
-    ).run(write=write)
+    """Run one calibration (all checks before training) and write the mask file.
+
+    Under ``torchrun`` with more than one process the state is sharded by FSDP
+    (:mod:`dam_mergekit.calibrate.sharded`); the masks are the same.
+    """
+    from dam_mergekit.calibrate.launch import launched_world_size
+
+    cls = Calibrator
+    if launched_world_size() > 1:
+        from dam_mergekit.calibrate.sharded import ShardedCalibrator
+
+        cls = ShardedCalibrator
+    return cls(plan, config, mask_path=mask_path, allow_pickle=allow_pickle, progress=progress).run(
+        write=write
+    )

@@ -22,6 +22,7 @@ _GUARD_MARK = "__dam_mergekit_guard__"
 
 def preflight(config, options=None):
     """Everything that can be checked before merging; returns the plan of a ``dam`` recipe."""
+    from dam_mergekit.calibrate.launch import launched_world_size
     from dam_mergekit.masks.validate import validate_plan
     from dam_mergekit.recipe.plan import plan_recipe
 
@@ -30,6 +31,12 @@ def preflight(config, options=None):
             "`tokenizer_source`/`tokenizer` permute vocabulary rows before the kernel, which would "
             "misalign the masks of embedding tensors; remove them from the dam recipe and align "
             "tokenizers before calibration"
+        )
+    if launched_world_size() > 1:
+        raise DamError(
+            "the merge runs in one process (mergekit's --cuda/--multi-gpu spread it over GPUs); "
+            "under torchrun, run `dam-mergekit calibrate RECIPE` (sharded calibration) and then "
+            "mergekit-yaml without torchrun"
         )
     settings = dam_settings(config)
     allow_pickle = bool((config.parameters or {}).get("allow_pickle", False))
