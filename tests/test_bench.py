@@ -32,6 +32,8 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
         "control:digits",
         "dam",
         "dam_as_released",
+        "awm",
+        "task_arithmetic_dam_coefficients",
     } <= names
     tasks = [t["name"] for t in saved["zoo"]["tasks"]]
     for row in saved["methods"].values():

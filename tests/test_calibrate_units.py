@@ -302,6 +302,37 @@ def test_distill_pairs_tasks_with_their_own_experts(tmp_path):
         Calibrator(plan2, CalibrationConfig.load(settings.calibration), progress=False)
 
 
+def test_distill_with_one_expert_teaches_every_task(tmp_path):
+    """One expert (the bench's awm row: the task-arithmetic merge) is every task's teacher."""
+    zoo = write_clip_zoo(tmp_path)
+    recipe = write_recipe(
+        tmp_path, zoo, {**FAST, "perf_loss": "distill"}, experts=[str(zoo / "experts" / "beta")]
+    )
+    logs = []
+    calib = Calibrator(
+        plan_recipe(load_recipe(recipe)),
+        CalibrationConfig.load(dam_settings(load_recipe(recipe)).calibration),
+        progress=False,
+        log=logs.append,
+    )
+    assert calib.teacher_of == {"alpha": 0, "beta": 0}
+    assert any("teacher of every task (alpha, beta)" in line for line in logs)
+    assert calib.run(write=False).history[0]["L_perf"] >= 0
+
+
+def test_train_m2_learns_m2_only(tmp_path):
+    """``train: m2``: M1 is written all-ones (even from a negative init_logit) and never sampled,
+    the coefficients stay at coef_init; only M2 moves."""
+    _, plan, cal, _ = _setup(tmp_path, train="m2", init_logit=-0.5, rescale=False)
+    calib = Calibrator(plan, CalibrationConfig.load(cal), progress=False)
+    result = calib.run(write=False)
+    assert all(bool(m.all()) for m in result.masks.m1.values())
+    assert all(bool((s == -0.5).all()) for s in calib.s1.values())
+    assert any(bool((s != -0.5).any()) for s in calib.s2.values())
+    assert all(torch.equal(c, torch.full((2,), 0.3)) for c in result.masks.coefficients.values())
+    assert {h["m1_keep"] for h in result.history} == {1.0}
+
+
 def test_targeted_trigger_search_pushes_towards_the_favoured_class():
     from types import SimpleNamespace
 

@@ -73,6 +73,11 @@ def binarize(logits: torch.Tensor) -> torch.Tensor:
     return logits >= 0
 
 
+def rescaling_applies(rescale: bool, granularity: str) -> bool:
+    """Whether the mean rescaling is on: ``rescale`` set, and never for whole-tensor masks."""
+    return bool(rescale) and granularity != "tensor"
+
+
 def rescale_factors(
     m1: torch.Tensor | None, m2: Sequence[torch.Tensor | None], *, enabled: bool, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -94,6 +99,20 @@ def rescale_factors(
         else:
             out.append(1.0 / keep.float().mean().clamp_min(eps))
     return torch.stack(out)
+
+
+def unfold_rescaling(
+    coefficients: torch.Tensor,
+    m1: torch.Tensor | None,
+    m2: Sequence[torch.Tensor | None],
+    *,
+    enabled: bool,
+) -> torch.Tensor:
+    """The learned coefficients behind written ones (which have :func:`rescale_factors` folded in).
+
+    The same factors from the same binary masks, so this inverts the folding up to float rounding.
+    """
+    return coefficients / rescale_factors(m1, m2, enabled=enabled).to(coefficients)
 
 
 def kept_fraction(mask: torch.Tensor) -> float:

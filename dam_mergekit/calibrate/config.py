@@ -23,7 +23,7 @@ COEFFICIENT_SCOPES = ("layer", "task")
 SAFE_LOSSES = ("kl", "entropy")
 PERF_LOSSES = ("entropy", "infomax", "distill")
 TRIGGER_SEARCHES = ("untargeted", "targeted")
-TRAIN_PARTS = ("both", "masks", "coefficients")
+TRAIN_PARTS = ("both", "masks", "coefficients", "m2")
 # What differs from the CalibrationConfig defaults (validated on CLIP zoos) for the built-in
 # causal-LM adapter, and the released code's settings (mode as_released). recipes/ agrees.
 CAUSAL_LM_SETTINGS: dict[str, Any] = {
@@ -91,7 +91,7 @@ class CalibrationConfig:
     # predictions; "targeted": towards the one class it already favours (a backdoor's signature)
     trigger_search: str = "targeted"
     # ablations (mode dam): "masks" keeps the coefficients at coef_init, "coefficients" keeps the
-    # masks all-ones; "both" is DAM
+    # masks all-ones, "m2" also keeps M1 all-ones (one trained mask: the bench's awm); "both" is DAM
     train: str = "both"
     seed: int = 0
     device: str = "cpu"

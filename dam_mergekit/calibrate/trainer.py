@@ -22,6 +22,9 @@ One outer step (mode ``dam``):
 Then the masks are extracted (binary, see :mod:`concrete`), and ``final_steps`` coefficient steps
 (same safe objective, perturbation still updated) adapt the coefficients to the binary masks.
 
+Ablations (``train``): ``masks`` skips the coefficient steps, ``coefficients`` the mask steps;
+``m2`` also holds M1 at exactly all-ones, so one mask learns (the bench's post-hoc AWM row).
+
 Mode ``as_released`` is the released code's algorithm: one shared mask, unbounded perturbation
 (Adam), entropy on perturbed inputs, coefficients reset and stepped on clean entropy only, a
 final entropy-only AdaMerging on one continuous mask sample. It is there for comparison.
@@ -141,10 +144,16 @@ class Calibrator:
         }
         self.lams = {t.name: float(t.parameters.get("lambda", 1.0)) for t in self.tensors}
         self.dual = config.mode == "dam"
+        self.m1_frozen = config.train == "m2"  # exactly all-ones, not sampled
+        self.learn_coef = config.train in ("both", "coefficients")
         self.teacher_of = self._teachers() if self.dual and config.perf_loss == "distill" else {}
 
     def _teachers(self) -> dict[str, int]:
-        """Each task's own expert (``perf_loss: distill``): by directory name, else recipe order."""
+        """Each task's own expert (``perf_loss: distill``): by directory name, else recipe order.
+
+        One expert is every task's teacher: then the clean loss keeps the masked model close to
+        that expert on every task (the bench's ``awm`` row, whose one expert is a merge).
+        """
         names = [Path(d).name for d in self.expert_dirs]
         if all(names.count(t) == 1 for t in self.tasks):
             return {t: names.index(t) for t in self.tasks}
@@ -157,6 +166,12 @@ class Calibrator:
                 )
             )
             return {t: i for i, t in enumerate(self.tasks)}
+        if self.n == 1:
+            self.log(
+                f"calibration: perf_loss distill: the one expert {self.plan.experts[0]} is the "
+                f"teacher of every task ({', '.join(self.tasks)})"
+            )
+            return dict.fromkeys(self.tasks, 0)
         raise DamError(
             f"perf_loss distill needs each task's own expert, but the {len(self.tasks)} tasks "
             f"({', '.join(self.tasks)}) match neither the {self.n} experts' directory names "
@@ -265,7 +280,7 @@ class Calibrator:
     ) -> dict[str, torch.Tensor]:
         """Module parameters of the merged model (differentiable in masks and coefficients)."""
         out = {}
-        rescale_on = self.cfg.rescale and self.cfg.granularity != "tensor"
+        rescale_on = concrete.rescaling_applies(self.cfg.rescale, self.cfg.granularity)
         for k, name in enumerate(self.names):
             a, b = m1.get(name), m2.get(name)
             if rescale is not None:
@@ -287,8 +302,13 @@ class Calibrator:
         return out
 
     def _sample_masks(self) -> tuple[dict, dict]:
+        """Concrete samples of M1 and every M2; a frozen M1 (``train: m2``) keeps everything."""
         T = self.cfg.temperature
-        m1 = {k: concrete.sample(s, T, self.noise_gen) for k, s in self.s1.items()}
+        m1 = (
+            {}
+            if self.m1_frozen
+            else {k: concrete.sample(s, T, self.noise_gen) for k, s in self.s1.items()}
+        )
         m2 = {k: list(concrete.sample(s, T, self.noise_gen).unbind(0)) for k, s in self.s2.items()}
         return m1, m2
 
@@ -422,10 +442,10 @@ class Calibrator:
     # -- extraction --------------------------------------------------------------------------------
     def extract(self) -> tuple[dict, dict, dict]:
         """Masks to write and their rescale factors (dam: binary; as_released: one soft sample)."""
-        rescale_on = self.cfg.rescale and self.cfg.granularity != "tensor"
+        rescale_on = concrete.rescaling_applies(self.cfg.rescale, self.cfg.granularity)
         with torch.no_grad():
             if self.dual:
-                m1 = {k: concrete.binarize(s).float() for k, s in self.s1.items()}
+                m1 = {k: self._extract_m1(s) for k, s in self.s1.items()}
                 m2 = {k: list(concrete.binarize(s).float().unbind(0)) for k, s in self.s2.items()}
             else:
                 m1, _ = self._sample_masks()
@@ -438,6 +458,15 @@ class Calibrator:
                 for k in self.names
             }
         return m1, m2, r
+
+    def _extract_m1(self, logits: torch.Tensor) -> torch.Tensor:
+        """M1 as written: binary, or all-ones when it was not trained (whatever its init_logit)."""
+        keep = (
+            torch.ones_like(logits, dtype=torch.bool)
+            if self.m1_frozen
+            else concrete.binarize(logits)
+        )
+        return keep.float()
 
     # -- checkpoint --------------------------------------------------------------------------------
     def checkpoint_path(self) -> Path | None:
@@ -565,7 +594,7 @@ class Calibrator:
         for step in range(start, cfg.steps):
             m1, m2 = self._step_masks()
             t0 = time.perf_counter()
-            if cfg.train != "masks":  # ablation "masks only": coefficients stay at coef_init
+            if self.learn_coef:  # ablations "masks", "m2": coefficients stay at coef_init
                 perf, safe = self._coef_step(m1, m2, safe=self.dual)
             t1 = time.perf_counter()
             flips = self._perturb_step(m1, m2)
@@ -588,7 +617,7 @@ class Calibrator:
             with torch.no_grad():
                 self.coef.fill_(cfg.coef_init)
             self.opt_c = torch.optim.Adam([self.coef], lr=cfg.lr_coef)
-        for step in range(cfg.final_steps if cfg.train != "masks" else 0):
+        for step in range(cfg.final_steps if self.learn_coef else 0):
             if self.dual:
                 perf, safe = self._coef_step(m1, m2, rescale=rescale, safe=True)
                 flips = self._perturb_step(m1, m2, rescale=rescale)
@@ -635,7 +664,7 @@ class Calibrator:
     def _record(self, step, perf, safe, flips, *, final=False) -> dict[str, float]:
         with torch.no_grad():
             coef = self.coef.detach().mean(0).cpu().tolist()
-            keep1 = _mean_prob(self.s1.values())
+            keep1 = 1.0 if self.m1_frozen else _mean_prob(self.s1.values())
             rec = {
                 "step": step,
                 "final": final,
