@@ -116,6 +116,10 @@ class ShardedCalibrator(Calibrator):
     def __init__(self, plan, config, **kwargs):
         if not dist.is_available():
             raise DamError("sharded calibration needs torch.distributed, which this torch lacks")
+        if config.train == "m2":
+            raise DamError(
+                "train: m2 (the bench's awm row) runs in one process; start it without torchrun"
+            )
         kind = torch.device(config.device).type
         if kind not in ("cpu", "cuda"):
             raise DamError(f"sharded calibration runs on cpu or cuda, not {config.device!r}")
@@ -182,7 +186,7 @@ class ShardedCalibrator(Calibrator):
             "name": name,
             "generator": self.replay_gen,
             "temperature": self.cfg.temperature,
-            "rescale": self.cfg.rescale and self.cfg.granularity != "tensor",
+            "rescale": concrete.rescaling_applies(self.cfg.rescale, self.cfg.granularity),
             "weights": self.weights[name],
             "lam": self.lams[name],
             **extra,
