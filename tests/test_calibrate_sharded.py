@@ -26,10 +26,16 @@ WORKER = Path(__file__).with_name("_sharded_worker.py")
 
 
 def _one_process(recipe: Path) -> Path:
+    """Calibrate in this process, on one thread like each torchrun process (sums depend on it)."""
     config = load_recipe(recipe)
     settings = dam_settings(config)
     path = mask_path_for(settings.masks, settings.calibration)
-    assert ensure_masks(plan_recipe(config), path, settings.calibration, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert ensure_masks(plan_recipe(config), path, settings.calibration, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return Path(path)
 
 
