@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dam_mergekit.calibrate import concrete
-from dam_mergekit.calibrate.estimate import peak_memory_bytes
 from dam_mergekit.calibrate.models import load_tensors
 from dam_mergekit.calibrate.trainer import CalibrationResult, Calibrator
 from dam_mergekit.errors import DamError
@@ -135,18 +134,6 @@ class ShardedCalibrator(Calibrator):
             kwargs["progress"] = False
             kwargs["log"] = lambda msg: None
         super().__init__(plan, config, **kwargs)
-
-    # -- memory ------------------------------------------------------------------------------------
-    def estimate_memory(self) -> int:
-        return peak_memory_bytes(
-            self.shapes.values(),
-            experts=self.n,
-            granularity=self.cfg.granularity,
-            dual=self.dual,
-            batch_activation_bytes=self.adapter.activation_bytes(self.cfg.batch_size),
-            tasks=len(self.tasks),
-            world_size=self.world,
-        )
 
     # -- state -------------------------------------------------------------------------------------
     def _init_state(self) -> None:

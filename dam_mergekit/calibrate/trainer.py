@@ -98,6 +98,8 @@ def model_records(plan, *, allow_pickle: bool = False) -> tuple[ModelRecord, lis
 class Calibrator:
     """Sets up (all checks first), estimates memory, trains, extracts and writes the masks."""
 
+    world = 1  # processes sharing the state (the sharded trainer sets it)
+
     def __init__(
         self,
         plan,
@@ -188,6 +190,7 @@ class Calibrator:
             dual=self.dual,
             batch_activation_bytes=self.adapter.activation_bytes(self.cfg.batch_size),
             tasks=len(self.tasks),
+            world_size=self.world,
         )
 
     def available_memory(self) -> tuple[int, str]:
