@@ -75,12 +75,17 @@ def _pair(tmp_path: Path, zoo: Path, settings: dict) -> tuple[Path, Path]:
     return one, two
 
 
-def test_sharded_equals_one_process_without_safety_term(tmp_path):
-    zoo = write_clip_zoo(tmp_path)
-    one, two = _pair(tmp_path, zoo, dict(FAST, steps=6, init_logit=0.3, alpha=0.0))
+def _both(tmp_path: Path, zoo: Path, settings: dict) -> tuple[float, int, float]:
+    """Calibrate one recipe in this process and its twin sharded; compare the mask files."""
+    one, two = _pair(tmp_path, zoo, settings)
     expected = _one_process(one)
     _sharded(two)
-    worst, differ, kept = _compare(expected, tmp_path / "two-calibration.masks.safetensors")
+    return _compare(expected, tmp_path / "two-calibration.masks.safetensors")
+
+
+def test_sharded_equals_one_process_without_safety_term(tmp_path):
+    zoo = write_clip_zoo(tmp_path)
+    worst, differ, kept = _both(tmp_path, zoo, dict(FAST, steps=6, init_logit=0.3, alpha=0.0))
     assert kept < 1.0  # the masks did drop something, so equal masks mean something
     assert differ == 0 and worst == 0.0
     assert not list(tmp_path.glob("*.ckpt.safetensors*"))  # each process removed its checkpoint
@@ -88,10 +93,7 @@ def test_sharded_equals_one_process_without_safety_term(tmp_path):
 
 def test_sharded_matches_one_process_with_safety_term(tmp_path):
     zoo = write_clip_zoo(tmp_path)
-    one, two = _pair(tmp_path, zoo, dict(FAST, steps=6, init_logit=0.3, alpha=3.0))
-    expected = _one_process(one)
-    _sharded(two)
-    worst, differ, kept = _compare(expected, tmp_path / "two-calibration.masks.safetensors")
+    worst, differ, kept = _both(tmp_path, zoo, dict(FAST, steps=6, init_logit=0.3, alpha=3.0))
     assert kept < 1.0
     assert differ == 0 and worst < 2e-2
 
@@ -99,10 +101,7 @@ def test_sharded_matches_one_process_with_safety_term(tmp_path):
 def test_sharded_causal_lm_row_masks(tmp_path):
     zoo = write_llm_zoo(tmp_path)
     settings = dict(FAST, steps=4, granularity="row", init_logit=0.2, alpha=0.0)
-    one, two = _pair(tmp_path, zoo, settings)
-    expected = _one_process(one)
-    _sharded(two)
-    worst, differ, _ = _compare(expected, tmp_path / "two-calibration.masks.safetensors")
+    worst, differ, _ = _both(tmp_path, zoo, settings)
     assert differ == 0 and worst == 0.0
 
 
