@@ -203,7 +203,11 @@ class ShardedCalibrator(Calibrator):
         return self._draw(grad=False), None
 
     def merged_params(self, m1, m2, coef, *, rescale=None, safe_copy: bool = False):
-        """Merged parameters from a :class:`MaskDraw` or the extracted masks (``BINARY``)."""
+        """Merged parameters from a :class:`MaskDraw` or the extracted masks (``BINARY``).
+
+        ``rescale`` is not read: each :class:`TensorState` computes the same factors from the
+        masks it gathers (the one-process trainer passes them only to avoid recomputing them).
+        """
         out, safe = {}, {}
         for k, name in enumerate(self.names):
             row = coef[k if coef.shape[0] > 1 else 0]
