@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from dam_mergekit.zoo.build import CLIP_DEFAULTS
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("zoo", help="build offline model zoos for the backdoor lab")
@@ -27,8 +29,18 @@ def add_parser(subparsers) -> None:
     b.add_argument("--target-class", type=int, help="class index the trigger maps to (default 0)")
     b.add_argument("--poison-rate", type=float, help="share of a task's training set poisoned")
     b.add_argument("--seed", type=int, help="seed of data, initialisation and training (default 0)")
-    b.add_argument("--pretrain-steps", type=int, help="CLIP pretraining steps (default 300)")
-    b.add_argument("--expert-steps", type=int, help="fine-tuning steps per expert (default 300)")
+    kind_default = "{} for clip; the LLM zoo's in docs/llm-zoo.md"
+    b.add_argument(
+        "--pretrain-steps",
+        type=int,
+        help=f"pretraining steps (default {kind_default.format(CLIP_DEFAULTS['pretrain_steps'])})",
+    )
+    b.add_argument(
+        "--expert-steps",
+        type=int,
+        help="fine-tuning steps per expert "
+        f"(default {kind_default.format(CLIP_DEFAULTS['expert_steps'])})",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
     b.add_argument("--out", required=True, help="zoo directory to create")
     b.set_defaults(func=_run_build)
