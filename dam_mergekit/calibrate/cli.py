@@ -37,7 +37,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise DamError(
             f"{args.recipe}: no `parameters: {{calibration: FILE}}`; nothing to calibrate"
         )
-    allow_pickle = bool((config.parameters or {}).get("allow_pickle", False))
+    allow_pickle = settings.allow_pickle
     plan = plan_recipe(config, allow_pickle=allow_pickle)
     path = mask_path_for(settings.masks, settings.calibration)
     result = ensure_masks(

@@ -69,9 +69,10 @@ def ensure_masks(
     """Learn the mask file when it is missing or stale; return the CalibrationResult or None."""
     from dam_mergekit.calibrate.launch import is_main_process
     from dam_mergekit.calibrate.trainer import calibrate
+    from dam_mergekit.recipe.load import dam_settings
 
     config = CalibrationConfig.load(calibration_path)
-    allow_pickle = bool((plan.config.parameters or {}).get("allow_pickle", False))
+    allow_pickle = dam_settings(plan.config).allow_pickle
     reason = "forced" if force else stale_reason(plan, mask_path, config, allow_pickle=allow_pickle)
     if reason is None:
         LOG.info("%s is up to date with %s", mask_path, calibration_path)

@@ -41,13 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan(recipe: str):
-    from dam_mergekit.recipe.load import is_dam, load_recipe
+    from dam_mergekit.recipe.load import dam_settings, is_dam, load_recipe
     from dam_mergekit.recipe.plan import plan_recipe
 
     config = load_recipe(recipe)
     if not is_dam(config):
         raise DamError(f"{recipe}: merge_method is {config.merge_method!r}, not dam")
-    allow_pickle = bool((config.parameters or {}).get("allow_pickle", False))
+    allow_pickle = dam_settings(config).allow_pickle
     return plan_recipe(config, allow_pickle=allow_pickle), allow_pickle
 
 

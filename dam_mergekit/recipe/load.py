@@ -51,15 +51,25 @@ class DamSettings:
 
     masks: str | None
     calibration: str | None
+    allow_pickle: bool = False
 
 
 def dam_settings(config) -> DamSettings:
+    """The global settings, checked: one path each (no filters), a true/false ``allow_pickle``."""
+    from dam_mergekit.recipe.params import check_flag
+
     params = dict(config.parameters or {})
     masks, calibration = params.get("masks"), params.get("calibration")
     for key, value in (("masks", masks), ("calibration", calibration)):
+        if isinstance(value, list):
+            raise DamError(
+                f"recipe parameter `{key}` takes one path, not filters or a list: one mask file "
+                "covers every tensor of the merge (cut a tensor with its masks instead)"
+            )
         if value is not None and not isinstance(value, str):
             raise DamError(f"recipe parameter `{key}` must be one path, got {value!r}")
-    return DamSettings(masks=masks, calibration=calibration)
+    allow_pickle = check_flag(params.get("allow_pickle", False), "allow_pickle", "recipe")
+    return DamSettings(masks=masks, calibration=calibration, allow_pickle=allow_pickle)
 
 
 def mask_path_for(masks: str | None, calibration: str | None) -> str:

@@ -14,7 +14,13 @@ from typing import Any, NamedTuple
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.masks.fingerprint import read_safetensors_header, weight_files
-from dam_mergekit.recipe.checks import FLOAT_DTYPES, check_plan_covers_base
+from dam_mergekit.recipe.checks import (
+    FLOAT_DTYPES,
+    check_experts_match_base,
+    check_local_paths_exist,
+    check_plan_covers_base,
+)
+from dam_mergekit.recipe.params import check_recipe_keys, finite_number
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,9 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
     config = copy.deepcopy(config)
     if config.base_model is None:
         raise DamError("a `dam` recipe needs `base_model`: task vectors are taken against it")
+    check_recipe_keys(config)
     experts = experts_in_recipe_order(config)  # before the planner rewrites `models`
+    check_local_paths_exist([config.base_model, *experts])
     try:
         arch_info = get_architecture_info(config, options)
         LoaderCache().setup(options=options)
@@ -87,8 +95,9 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
             raise DamError(f"{base.model.path}: tensor {name!r} not found in the base model")
         _, shape, dtype = info
         params = dict(task.parameters.items())
+        finite_number(params.get("lambda", 1.0), "lambda", f"recipe: tensor {name}")
         weights = {
-            str(ref): float(values.get("weight", 1.0))
+            str(ref): finite_number(values.get("weight", 1.0), "weight", f"recipe: {ref}: {name}")
             for ref, values in task.input_parameters.items()
             if ref != base
         }
@@ -96,6 +105,8 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
         positions[name] = order[stored]
         covered.add(stored)
     check_plan_covers_base(covered, model_dir(base), stored=header_shapes)
+    for expert in experts:
+        check_experts_match_base(header_shapes, model_dir(expert), allow_pickle=allow_pickle)
     # mergekit's task order follows set iteration, which changes between processes; calibration
     # draws its random masks tensor by tensor, so it needs one stable order: the base model's
     tensors.sort(key=lambda t: positions[t.name])
