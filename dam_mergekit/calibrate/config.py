@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dam_mergekit.errors import DamError
+from dam_mergekit.masks.file import COEFFICIENT_RANGE
 
 ADAPTERS = ("clip", "causal_lm")
 MODES = ("dam", "as_released")
@@ -187,8 +188,11 @@ class CalibrationConfig:
         if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0):
             raise bad(f"alpha must be a number >= 0, got {self.alpha!r}")
         low, high = self.coef_range
-        if not (0 <= low <= high):
-            raise bad(f"coef_range must satisfy 0 <= low <= high, got {list(self.coef_range)}")
+        if not (0 <= low <= high <= COEFFICIENT_RANGE[1]):
+            raise bad(
+                f"coef_range must satisfy 0 <= low <= high <= {COEFFICIENT_RANGE[1]:g} (what "
+                f"`masks validate` accepts), got {list(self.coef_range)}"
+            )
         if not (low <= self.coef_init <= high):
             raise bad(f"coef_init {self.coef_init} lies outside coef_range {list(self.coef_range)}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:

@@ -37,6 +37,8 @@ FORMAT = "dam-mergekit-masks"
 FORMAT_VERSION = 1
 METADATA_KEY = "dam_mergekit"
 SHARED = "shared"
+# Coefficients a mask file may hold: calibration clamps inside it (as_released learns up to 10).
+COEFFICIENT_RANGE = (0.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,7 @@ def write_mask_file(
         coef = masks.coefficients.get(name)
         if coef is not None:
             coef = torch.as_tensor(coef, dtype=torch.float32).detach().reshape(-1).cpu()
-            if coef.numel() != n or not torch.isfinite(coef).all():
-                raise DamError(f"{path}: {name}: coefficients must be {n} finite numbers")
+            check_coefficients(coef, n, f"{path}: {name}")
             tensors[f"coef/{name}"] = coef.contiguous()
         entries[name] = entry
     header = {
@@ -161,6 +162,47 @@ def _store(
     return {"kind": "float", "shape": list(mask.shape)}
 
 
+def _stored_shape(spec: dict[str, Any]) -> list[int]:
+    """The on-disk shape of a mask entry: packed bytes for bits, the mask itself otherwise."""
+    if spec["kind"] == "bits":
+        return [(math.prod(spec["shape"]) + 7) // 8]
+    return list(spec["shape"])
+
+
+def check_coefficients(coef: torch.Tensor, n: int, where: str) -> None:
+    """``n`` finite, non-negative coefficients, or a one-line DamError.
+
+    The stored value is the learned coefficient times the mean rescaling ``1 / mean(M1 * M2_i)``,
+    so it may exceed :data:`COEFFICIENT_RANGE` where masks cut much; ``masks validate`` bounds the
+    product with the kept fraction instead (:func:`check_effective_coefficients`).
+    """
+    if coef.numel() != n:
+        raise DamError(f"{where}: {coef.numel()} coefficients for {n} experts; re-create the file")
+    if not torch.isfinite(coef).all():
+        raise DamError(f"{where}: coefficients have NaN or inf; re-create the mask file")
+    if (coef < 0).any():
+        raise DamError(
+            f"{where}: coefficients {_rounded(coef)} are negative (calibration never learns "
+            "such values); re-create the mask file"
+        )
+
+
+def check_effective_coefficients(coef: torch.Tensor, kept: Sequence[float], where: str) -> None:
+    """Coefficient times kept fraction (the scale of the expert's whole task vector) in range."""
+    high = COEFFICIENT_RANGE[1]
+    effective = coef * torch.tensor(list(kept), dtype=coef.dtype)
+    if (effective > high * (1 + 1e-4)).any():
+        raise DamError(
+            f"{where}: coefficients {_rounded(coef)} at kept fractions {_rounded(kept)} scale a "
+            f"task vector by more than {high:g} (calibration never learns such values); "
+            "re-create the mask file"
+        )
+
+
+def _rounded(values) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
 def _check_broadcast(mask_shape: list[int], shape: list[int], what: str) -> None:
     ok = len(mask_shape) <= len(shape) and all(
         m in (1, s) for m, s in zip(reversed(mask_shape), reversed(shape), strict=False)
@@ -177,6 +219,11 @@ class MaskFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise DamError(
+                f"{self.path}: not a regular file (a directory or a device); give the path of a "
+                "mask file (.safetensors)"
+            )
         if not self.path.is_file():
             raise DamError(
                 f"{self.path}: mask file not found; create it with `dam-mergekit calibrate` "
@@ -284,13 +331,24 @@ class MaskFile:
                     if key not in self._keys:
                         raise DamError(f"{self.path}: header names {key!r} but the file lacks it")
                     _check_broadcast(spec["shape"], entry["shape"], f"{self.path}: {name}: mask")
+                    self._check_stored_shape(key, _stored_shape(spec))
                     expected.add(key)
             if f"coef/{name}" in self._keys:
+                self._check_stored_shape(f"coef/{name}", [n])
                 expected.add(f"coef/{name}")
         stray = sorted(self._keys - expected)
         if stray:
             raise DamError(
                 f"{self.path}: stored tensor {stray[0]!r} is not described in the header"
+            )
+
+    def _check_stored_shape(self, key: str, want: list[int]) -> None:
+        """A stored tensor must have the shape its header entry implies (reads no data)."""
+        got = list(self._handle.get_slice(key).get_shape())
+        if got != want:
+            raise DamError(
+                f"{self.path}: stored tensor {key!r} has shape {got}, its header implies {want}; "
+                "the file is corrupt, re-create it"
             )
 
     def kept_fraction(self, name: str, expert: int | None = None) -> float:

@@ -61,9 +61,15 @@ def bind(
         fp = fingerprint_model(model_location(ref), allow_pickle=allow_pickle)
         slots = [i for i, r in enumerate(records) if r.fingerprint == fp and i not in taken]
         if not slots:
+            named = any(r.model == str(ref) for r in records)
+            why = (
+                f"the weights of {ref} changed since the masks were learned"
+                if named
+                else f"the file covers {', '.join(r.model for r in records)}"
+            )
             raise DamError(
-                f"{where}: fingerprint mismatch: no masks for expert {ref} (the file covers "
-                f"{', '.join(r.model for r in records)}); re-create the mask file for this recipe"
+                f"{where}: fingerprint mismatch: no masks for expert {ref} ({why}); re-create "
+                "the mask file for this recipe"
             )
         same_name = [i for i in slots if records[i].model == str(ref)]
         slot = (same_name or slots)[0]

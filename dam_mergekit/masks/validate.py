@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dam_mergekit.errors import DamError
+from dam_mergekit.masks.file import check_coefficients, check_effective_coefficients
 from dam_mergekit.masks.registry import BoundMaskFile, masks_for
 from dam_mergekit.recipe.load import mask_path_for
 
@@ -73,5 +74,7 @@ def _check_tensor(bound: BoundMaskFile, tensor, path: str, scan_values: bool) ->
             raise DamError(f"{path}: {name}: mask has NaN or inf values; re-create the mask file")
         if (mask < 0).any() or (mask > 1).any():
             raise DamError(f"{path}: {name}: mask values outside [0, 1]; re-create the mask file")
-    if not torch.isfinite(bound.coefficients(name)).all():
-        raise DamError(f"{path}: {name}: coefficients have NaN or inf; re-create the mask file")
+    coef, n = bound.coefficients(name), len(bound.experts)
+    check_coefficients(coef, n, f"{path}: {name}")
+    kept = [bound.kept_fraction(name, i) for i in range(n)]
+    check_effective_coefficients(coef, kept, f"{path}: {name}")
