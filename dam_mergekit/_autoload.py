@@ -5,7 +5,8 @@ heavy and only puts a finder on ``sys.meta_path``. When (and only when) a proces
 the finder runs two callbacks right after the module has executed:
 
 - ``mergekit.merge_methods``: register ``dam`` and ``defense_aware_merging``;
-- ``mergekit.merge``: route ``run_merge`` through DAM's pre-flight guard (other methods unchanged).
+- ``mergekit.merge``: route ``run_merge`` through DAM's pre-flight guard (other methods unchanged);
+- ``mergekit.scripts.run_yaml``: the same for the stock script's own reference, with one-line errors.
 
 ``DAM_MERGEKIT_AUTOLOAD=0`` switches it off (checked in the ``.pth`` line itself).
 """
@@ -47,6 +48,8 @@ def _guard(_module: ModuleType) -> None:
 CALLBACKS: dict[str, Callable[[ModuleType], None]] = {
     "mergekit.merge_methods": _register,
     "mergekit.merge": _guard,
+    # the stock script binds run_merge at import: guard its copy too (refusals become one line)
+    "mergekit.scripts.run_yaml": _guard,
 }
 
 

@@ -57,15 +57,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def mergekit_dam_yaml(argv: Sequence[str] | None = None) -> None:
     """``mergekit-yaml`` with DAM registered and the pre-flight guard on; takes every stock flag."""
     from dam_mergekit.errors import DamError
+    from dam_mergekit.recipe.load import load_recipe
     from dam_mergekit.recipe.run import install_guard
 
-    install_guard()
+    args = list(sys.argv[1:] if argv is None else argv)
     from mergekit.scripts import run_yaml
 
+    install_guard()  # after the import: the script's own run_merge is guarded too
     try:
-        run_yaml.main(
-            args=list(sys.argv[1:] if argv is None else argv), prog_name="mergekit-dam-yaml"
-        )
+        recipe = next((a for a in args if not a.startswith("-")), None)
+        if recipe is not None and recipe.endswith((".yml", ".yaml")):
+            load_recipe(recipe)  # YAML and schema errors as one line, before mergekit's traceback
+        run_yaml.main(args=args, prog_name="mergekit-dam-yaml")
     except DamError as err:
         print(f"mergekit-dam-yaml: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -7,10 +7,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from dam_mergekit.errors import DamError
@@ -39,7 +43,7 @@ def preflight(config, options=None):
             "mergekit-yaml without torchrun"
         )
     settings = dam_settings(config)
-    allow_pickle = bool((config.parameters or {}).get("allow_pickle", False))
+    allow_pickle = settings.allow_pickle
     plan = plan_recipe(config, options, allow_pickle=allow_pickle)
     path = mask_path_for(settings.masks, settings.calibration)
     if settings.calibration is not None:
@@ -72,28 +76,84 @@ def run_merge(merge_config, out_path: str, options=None, config_source: str | No
     original = _original_run_merge()
     if not is_dam(merge_config):
         return original(merge_config, out_path, options, config_source)
-    preflight(merge_config, options)
     out = Path(out_path)
-    existed = out.exists()
-    before = set(os.listdir(out)) if existed else set()
+    check_output_path(out)
+    preflight(merge_config, options)
+    with staged_output(out) as staging, _card_for(out.name):
+        return original(merge_config, str(staging), options, config_source)
+
+
+def check_output_path(out: Path) -> None:
+    """Refuse an output mergekit could not write, before calibration spends any time."""
+    if out.exists() and not out.is_dir():
+        raise DamError(f"{out}: the output path is a file; give a directory to merge into")
+    folder = out if out.exists() else out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise DamError(f"{folder}: cannot write the merged model here (read-only or no permission)")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Merge into a hidden sibling folder, then publish it into ``out``; on failure drop it.
+
+    A merge that fails at any point (model card included) leaves ``out`` exactly as it was, or
+    absent if it was. On success the new files replace their namesakes in ``out`` and any other
+    file already there stays, as with a plain mergekit run.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.dam-partial-", dir=out.parent))
     try:
-        return original(merge_config, out_path, options, config_source)
+        yield staging
     except BaseException:
-        _remove_new_output(out, existed, before)
+        shutil.rmtree(staging, ignore_errors=True)
+        LOG.warning("merge failed: %s was left as it was", out)
         raise
+    _publish(staging, out)
 
 
-def _remove_new_output(out: Path, existed: bool, before: set[str]) -> None:
-    if not existed:
-        shutil.rmtree(out, ignore_errors=True)
+def _publish(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(staging, out)
         return
-    for name in set(os.listdir(out)) - before:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            target.unlink(missing_ok=True)
-    LOG.warning("merge failed: removed the files it had written to %s", out)
+    for entry in sorted(staging.iterdir()):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+
+
+@contextlib.contextmanager
+def _card_for(name: str) -> Iterator[None]:
+    """mergekit's model card, named after the real output, and never a lost merge.
+
+    mergekit asks the hub whether a path with one ``/`` (``models/base``) is a repository, which
+    raises offline after every tensor is written. A path that exists here is local; a card that
+    still fails becomes a short card and a warning, since the merged weights are fine.
+    """
+    import mergekit.card as card
+    import mergekit.merge as merge
+
+    generate, is_hf = merge.generate_card, card.is_hf
+
+    def local_first(path: str) -> bool:
+        return False if os.path.exists(path) else is_hf(path)
+
+    def safe_card(*args, **kwargs) -> str:
+        kwargs["name"] = name
+        try:
+            return generate(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the card is documentation, the merge is done
+            LOG.warning("could not write mergekit's model card (%s); wrote a short one", err)
+            return f"# {name}\n\nMerged with dam-mergekit (Defense-Aware Merging).\n"
+
+    merge.generate_card, card.is_hf = safe_card, local_first
+    try:
+        yield
+    finally:
+        merge.generate_card, card.is_hf = generate, is_hf
 
 
 def _mergekit_merge():
@@ -110,8 +170,6 @@ def _original_run_merge():
 
 def install_guard() -> None:
     """Register the methods and route mergekit's ``run_merge`` through :func:`run_merge`."""
-    import sys
-
     from dam_mergekit.method import register_methods
 
     register_methods()
@@ -126,4 +184,25 @@ def install_guard() -> None:
     merge_module.run_merge = guarded
     script = sys.modules.get("mergekit.scripts.run_yaml")
     if script is not None:
-        script.run_merge = guarded
+        script.run_merge = one_line_errors(guarded)
+
+
+def one_line_errors(run):
+    """``run`` for a command line: a refusal is one line on stderr and exit 2, no traceback.
+
+    ``-v`` (INFO logging or more) keeps the traceback for whoever needs it.
+    """
+
+    @functools.wraps(run)
+    def command(*args, **kwargs):
+        try:
+            return run(*args, **kwargs)
+        except DamError as err:
+            if logging.getLogger().isEnabledFor(logging.INFO):
+                raise
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mergekit-yaml"
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    setattr(command, _GUARD_MARK, getattr(run, _GUARD_MARK, run))
+    return command
