@@ -176,5 +176,8 @@ def test_stock_command_prints_the_error_and_writes_nothing(setup):
     masks.write_bytes(masks.read_bytes()[:100])
     proc = mergekit_yaml(recipe, out)
     assert proc.returncode != 0
-    assert "DamError" in proc.stderr and "truncated or corrupt mask file" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[0]] and errors[0].startswith("mergekit-yaml: error: ")
+    assert "truncated or corrupt mask file" in errors[0] and str(masks) in errors[0]
+    assert "Traceback" not in proc.stderr and proc.returncode == 2
     assert not out.exists()
