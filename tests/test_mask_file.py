@@ -107,7 +107,7 @@ def test_concurrent_reads_agree(tmp_path):
         (MaskSet(m1={"w": torch.ones(11, 37)}), "does not broadcast"),
         (MaskSet(m1={"nope": torch.ones(1)}), "not in tensor_shapes"),
         (MaskSet(m2={"w": [None]}), "1 m2 masks for 2 experts"),
-        (MaskSet(coefficients={"w": torch.tensor([1.0, float("inf")])}), "finite"),
+        (MaskSet(coefficients={"w": torch.tensor([1.0, float("inf")])}), "NaN or inf"),
     ],
 )
 def test_writer_refuses_bad_masks_and_writes_nothing(tmp_path, masks, message):

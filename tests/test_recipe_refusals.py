@@ -335,3 +335,27 @@ def test_fingerprint_mismatch_of_a_changed_expert_says_it_changed(llama_models, 
     assert "changed since the masks were learned" in refused(
         moved, tmp_path / "out", "fingerprint mismatch"
     )
+
+
+def test_a_duplicate_expert_is_named(llama_models, masks, tmp_path):
+    recipe = edited_recipe(
+        tmp_path, llama_models, masks, lambda r: r["models"].append(dict(r["models"][0]))
+    )
+    message = refused(recipe, tmp_path / "out", "listed twice in `models`")
+    assert str(llama_models["a"]) in message and "slices" not in message
+
+
+def test_an_adapter_that_cannot_be_imported_names_the_calibration_file(tmp_path):
+    from dam_mergekit.calibrate.config import CalibrationConfig
+
+    path = tmp_path / "cal.yml"
+    path.write_text("adapter: no_such_pkg.mod:Adapter\ndata: .\n")
+    with pytest.raises(DamError, match=r"cal\.yml: adapter 'no_such_pkg.mod:Adapter' cannot be"):
+        CalibrationConfig.load(path).check()
+
+
+@pytest.mark.parametrize("flag", [["--tflops", "0"], ["--tasks", "-1"], ["--processes", "0"]])
+def test_estimate_refuses_non_positive_numbers(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as info:
+        dam_cli(["estimate", str(tmp_path / "r.yml"), *flag])
+    assert info.value.code == 2 and "must be greater than 0" in capsys.readouterr().err

@@ -35,7 +35,8 @@ def test_hook_is_lazy_and_registers_when_mergekit_loads():
         "assert merge_methods.get('defense_aware_merging').spec.reference_url.endswith('2410.13910')\n"
         "import mergekit.merge, mergekit.scripts.run_yaml as ry\n"
         "assert hasattr(mergekit.merge.run_merge, '__dam_mergekit_guard__')\n"
-        "assert ry.run_merge is mergekit.merge.run_merge\n"
+        "guard = '__dam_mergekit_guard__'\n"
+        "assert getattr(ry.run_merge, guard) is getattr(mergekit.merge.run_merge, guard)\n"
         "print('ok')\n"
     )
     proc = run_python(code, DAM_MERGEKIT_AUTOLOAD="1")

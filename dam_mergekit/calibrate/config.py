@@ -158,6 +158,13 @@ class CalibrationConfig:
                 f"unknown adapter {self.adapter!r}; use one of {', '.join(ADAPTERS)} or "
                 "'package.module:Class' for your own adapter"
             )
+        if self.adapter not in ADAPTERS:  # a user's adapter: import it now, and say from where
+            from dam_mergekit.calibrate.adapters import adapter_class
+
+            try:
+                adapter_class(self.adapter)
+            except DamError as err:
+                raise bad(f"{err} (the `adapter` setting)") from None
         for key, allowed in (
             ("mode", MODES),
             ("norm", NORMS),

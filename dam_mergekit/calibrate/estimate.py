@@ -300,6 +300,22 @@ def format_estimate(e: Estimate, name: str) -> str:
     )
 
 
+def _positive(kind: type):
+    """An argparse type: a number of ``kind`` greater than zero (a one-line usage error else)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "estimate",
@@ -309,12 +325,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="a dam recipe with `parameters: {calibration: FILE}`")
     p.add_argument("--config", help="the base model's config.json (default: BASE/config.json)")
-    p.add_argument("--tasks", type=int, help="calibration tasks (default: from data, or experts)")
-    p.add_argument("--answers", type=int, default=2, help="causal_lm: answers per task")
-    p.add_argument("--tflops", type=float, default=ASSUMED_TFLOPS, help="assumed sustained TFLOP/s")
+    p.add_argument(
+        "--tasks", type=_positive(int), help="calibration tasks (default: from data, or experts)"
+    )
+    p.add_argument("--answers", type=_positive(int), default=2, help="causal_lm: answers per task")
+    p.add_argument(
+        "--tflops", type=_positive(float), default=ASSUMED_TFLOPS, help="assumed sustained TFLOP/s"
+    )
     p.add_argument(
         "--processes",
-        type=int,
+        type=_positive(int),
         default=1,
         help="peak memory of one process of a sharded calibration (torchrun --nproc-per-node N)",
     )

@@ -63,6 +63,13 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
     if config.base_model is None:
         raise DamError("a `dam` recipe needs `base_model`: task vectors are taken against it")
     check_recipe_keys(config)
+    listed = [str(entry.model) for entry in config.models or ()]
+    twice = next((m for i, m in enumerate(listed) if m in listed[:i]), None)
+    if twice is not None:
+        raise DamError(
+            f"recipe: {twice} is listed twice in `models`; list each expert once (a larger "
+            "`weight` gives it more say)"
+        )
     experts = experts_in_recipe_order(config)  # before the planner rewrites `models`
     check_local_paths_exist([config.base_model, *experts])
     try:
