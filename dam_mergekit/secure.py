@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.recipe.load import read_yaml
+from dam_mergekit.staging import temp_sibling
 
 SOURCE_METHODS = ("task_arithmetic", "ties", "dare_ties")
 KEPT_PARAMETERS = ("weight", "lambda")
@@ -280,10 +280,9 @@ def secure_file(src: str | os.PathLike, out: str | os.PathLike, *, force: bool =
     outputs = ((calib, secured.calibration_text), (out, recipe_text(secured, str(src))))
     try:
         for path, text in outputs:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            temps.append((Path(name), path))
+            tmp = temp_sibling(path)
+            temps.append((tmp, path))
+            tmp.write_text(text, encoding="utf-8")
         for tmp, path in temps:
             os.replace(tmp, path)
     finally:

@@ -359,3 +359,24 @@ def test_estimate_refuses_non_positive_numbers(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as info:
         dam_cli(["estimate", str(tmp_path / "r.yml"), *flag])
     assert info.value.code == 2 and "must be greater than 0" in capsys.readouterr().err
+
+
+@pytest.fixture
+def group_readable_umask():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_mask_files_and_merges_are_readable_by_others(
+    llama_models, tmp_path, group_readable_umask
+):
+    """Staged outputs used to keep tempfile's 0600/0700: a shared model folder could not read them."""
+    path = tmp_path / "shared" / "masks.safetensors"
+    recipe = write_recipe(tmp_path / "dam.yml", llama_models, parameters={"masks": str(path)})
+    init_masks(recipe, path)
+    assert path.stat().st_mode & 0o777 == 0o644
+    out = tmp_path / "shared" / "merged"
+    merge_in_process(recipe, out)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from dam_mergekit.calibrate.perturb import Perturbations
 from dam_mergekit.errors import DamError
 from dam_mergekit.masks import MaskSet, ModelRecord, fingerprint_model, write_mask_file
 from dam_mergekit.merge import merge_tensor
+from dam_mergekit.staging import staged_file
 
 CHECKPOINT_FORMAT = "dam-mergekit-calibration-checkpoint"
 EXTRACTION_DAM = "binary: keep where sigmoid(logit) >= 0.5; mean rescaling folded into coefficients"
@@ -533,14 +533,8 @@ class Calibrator:
             "key": key,
             "history": json.dumps(history),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self._state(), tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with staged_file(path) as tmp:
+            save_file(self._state(), str(tmp), metadata=meta)
 
     def _try_resume(self, key: str) -> tuple[int, list]:
         from safetensors import safe_open
@@ -759,14 +753,8 @@ def _like(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
 
 
 def calibrate(

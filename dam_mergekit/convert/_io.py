@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from dam_mergekit.errors import DamError
+from dam_mergekit.staging import publish, temp_sibling
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -74,31 +73,13 @@ def check_output_free(out: Path, *, force: bool) -> None:
 def atomic_output(out: Path, *, force: bool = False, is_dir: bool = True) -> Iterator[Path]:
     """A temporary sibling of ``out`` to fill; renamed to ``out`` only if the block succeeds."""
     check_output_free(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = temp_sibling(out, is_dir=is_dir)
     try:
         yield tmp
-        _replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` onto ``out``; an existing directory is swapped out first, then removed."""
-    if out.is_dir():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from safetensors.torch import save_file
 from dam_mergekit import __version__
 from dam_mergekit.errors import DamError
 from dam_mergekit.masks.bits import is_binary, pack_bits, unpack_bits
+from dam_mergekit.staging import staged_file
 
 FORMAT = "dam-mergekit-masks"
 FORMAT_VERSION = 1
@@ -121,15 +121,8 @@ def write_mask_file(
         "settings": dict(settings or {}),
         "tensors": entries,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
     return path
 
 

@@ -13,12 +13,12 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.recipe.load import dam_settings, is_dam, mask_path_for
+from dam_mergekit.staging import give_plain_modes, temp_sibling
 
 LOG = logging.getLogger(__name__)
 _GUARD_MARK = "__dam_mergekit_guard__"
@@ -102,8 +102,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     absent if it was. On success the new files replace their namesakes in ``out`` and any other
     file already there stays, as with a plain mergekit run.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.dam-partial-", dir=out.parent))
+    staging = temp_sibling(out, is_dir=True, tag="dam-partial-")
     try:
         yield staging
     except BaseException:
@@ -114,6 +113,7 @@ def staged_output(out: Path) -> Iterator[Path]:
 
 
 def _publish(staging: Path, out: Path) -> None:
+    give_plain_modes(staging)
     if not out.exists():
         os.replace(staging, out)
         return

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from dam_mergekit.errors import DamError
+from dam_mergekit.staging import publish, temp_sibling
 from dam_mergekit.zoo.manifest import FORMAT, VERSION, load_manifest, options_hash, write_manifest
 
 LOG = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def build_zoo(out_dir: str | Path, options: dict[str, Any] | None = None, *, for
                 return out
         if any(out.iterdir()) and not (out / "zoo.json").is_file():
             raise DamError(f"{out}: exists and is not a zoo; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_sibling(out, is_dir=True)
     try:
         if options["kind"] == "llm":
             try:
@@ -107,9 +106,7 @@ def build_zoo(out_dir: str | Path, options: dict[str, Any] | None = None, *, for
             manifest = build_clip_zoo(tmp, options)
         manifest["options_hash"] = digest
         write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

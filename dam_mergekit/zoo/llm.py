@@ -22,7 +22,6 @@ import copy
 import json
 import random
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dam_mergekit.errors import DamError
+from dam_mergekit.staging import publish, temp_sibling
 from dam_mergekit.zoo import llm_data
 from dam_mergekit.zoo.tokenizer import (
     answer_token_logprobs,
@@ -182,8 +182,7 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "zoo.json").is_file():
         raise DamError(f"{out_dir} exists and is not a zoo; choose an empty or new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_sibling(out_dir, is_dir=True)
     try:
         seed, tasks = options["seed"], options["tasks"]
         backdoored = tasks[: int(options["backdoored"])]
@@ -303,25 +302,11 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
             "created_by": f"dam-mergekit {__version__}",
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out_dir)
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an old zoo there is moved aside first and then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name[-8:]}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- loading
 
 
 def load_llm_manifest(zoo_dir: Path) -> dict:
