@@ -669,7 +669,13 @@ def add_parser(subparsers) -> None:
     )
     p.set_defaults(func=_run_bench)
 
-    d = subparsers.add_parser("demo", help="build the default CLIP zoo, bench it, check succession")
+    d = subparsers.add_parser(
+        "demo",
+        help="build the default CLIP zoo, bench it, check succession",
+        description="The offline demonstration behind `make demo`: build (or reuse) the default "
+        "CLIP zoo, merge it with every method of the bench, print the ACC/ASR/p0 table and exit 1 "
+        "unless succession shows under task arithmetic and dam removes it.",
+    )
     d.add_argument("--zoo", default=".cache/zoo/clip-default", help="where the zoo is cached")
     d.add_argument("--out", default="out/demo", help="bench output directory")
     d.set_defaults(func=_run_demo)

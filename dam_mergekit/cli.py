@@ -27,10 +27,36 @@ COMMAND_MODULES = (
 )
 
 
+class PlainHelpFormatter(argparse.HelpFormatter):
+    """Help text without the Markdown backticks the docstrings and help strings use."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(text.replace("`", ""))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return super()._expand_help(action).replace("`", "")
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser``, depth first; one without a description gets its help line."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, child in action.choices.items():
+                if child in found:
+                    continue  # an alias of a parser already seen
+                if child.description is None and helps.get(name):
+                    child.description = helps[name][0].upper() + helps[name][1:] + "."
+                found += [child, *_subcommand_parsers(child)]
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dam-mergekit",
         description="Defense-Aware Merging (DAM, arXiv 2410.13910) for mergekit.",
+        formatter_class=PlainHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dam-mergekit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -38,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for module in COMMAND_MODULES:
         import_module(module).add_parser(sub)
+    for child in _subcommand_parsers(parser):
+        child.formatter_class = PlainHelpFormatter
+        # -v after the subcommand too; SUPPRESS keeps a -v given before it
+        child.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log at INFO level",
+        )
     return parser
 
 

@@ -50,15 +50,17 @@ TOP_LEVEL_KEPT = (
     "out_dtype",
     "chat_template",
 )
-CALIBRATION_KEYS = ("adapter", "data", "steps", "alpha", "eps", "granularity")
-FALLBACK_DEFAULTS = {
-    "adapter": "clip",
-    "data": "",
-    "steps": 200,
-    "alpha": 1.0,
-    "eps": 2.0,
-    "granularity": "element",
-}
+# the settings a calibration skeleton spells out, with the adapter's package defaults
+CALIBRATION_KEYS = (
+    "adapter",
+    "data",
+    "steps",
+    "final_steps",
+    "batch_size",
+    "alpha",
+    "eps",
+    "granularity",
+)
 
 
 @dataclass
@@ -208,21 +210,17 @@ def _guess_adapter(base: str) -> str | None:
     return None
 
 
-def _calibration_defaults() -> dict[str, Any]:
-    """The calibration stage's own defaults when it is installed, else the documented ones."""
-    try:
-        from dataclasses import MISSING, fields
+def _calibration_defaults(adapter: str) -> dict[str, Any]:
+    """The calibration stage's own defaults for ``adapter`` (causal_lm differs from clip)."""
+    from dam_mergekit.calibrate.config import default_calibration
 
-        from dam_mergekit.calibrate.config import CalibrationConfig
-    except ImportError:
-        return dict(FALLBACK_DEFAULTS)
-    defaults = {f.name: f.default for f in fields(CalibrationConfig) if f.default is not MISSING}
-    return {key: defaults.get(key, FALLBACK_DEFAULTS[key]) for key in CALIBRATION_KEYS}
+    defaults = default_calibration(adapter, "")
+    return {key: defaults[key] for key in CALIBRATION_KEYS}
 
 
 def calibration_skeleton(source: str, experts: list[str], adapter: str | None) -> str:
     """A commented calibration file for the secured recipe; ``data`` is left for the user."""
-    d = _calibration_defaults()
+    d = _calibration_defaults(adapter or "clip")
     adapter_line = (
         f"adapter: {adapter}"
         if adapter
@@ -244,12 +242,17 @@ def calibration_skeleton(source: str, experts: list[str], adapter: str | None) -
         "# Alternating optimisation steps (merging coefficients, proxy trigger, shared mask M1,",
         "# backdoor masks M2).",
         f"steps: {d['steps']}",
+        "# Coefficient-only steps with the learned masks fixed, after the alternating ones.",
+        f"final_steps: {d['final_steps']}",
+        "# Calibration inputs per task per step.",
+        f"batch_size: {d['batch_size']}",
         "# Weight of the safety term: the loss on inputs carrying the synthesized proxy trigger.",
         f"alpha: {d['alpha']}",
         "# Norm bound of the proxy trigger (a universal perturbation, in the adapter's input",
         "# space); `norm: l2` or `norm: linf` picks the norm.",
         f"eps: {d['eps']}",
-        "# Mask granularity: element (one entry per weight, as in the paper), row or tensor.",
+        "# Mask granularity: element (one entry per weight, as in the paper), row (one per",
+        "# output row: what causal LMs default to, element masks of an LLM do not fit) or tensor.",
         f"granularity: {d['granularity']}",
         "",
     ]
@@ -296,6 +299,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "secure",
         help="turn a task_arithmetic/ties/dare_ties recipe into a dam recipe plus a "
         "calibration file skeleton",
+        description="Rewrite RECIPE (task_arithmetic, ties or dare_ties) as a dam recipe at OUT "
+        "with the same models, weights and lambda, and write OUT.calibration.yml beside it: the "
+        "calibration settings for the experts' architecture, with `data` left for you to fill in.",
     )
     parser.add_argument("recipe", help="mergekit recipe (task_arithmetic, ties or dare_ties)")
     parser.add_argument(

@@ -368,9 +368,7 @@ def group_readable_umask():
     os.umask(old)
 
 
-def test_mask_files_and_merges_are_readable_by_others(
-    llama_models, tmp_path, group_readable_umask
-):
+def test_mask_files_and_merges_are_readable_by_others(llama_models, tmp_path, group_readable_umask):
     """Staged outputs used to keep tempfile's 0600/0700: a shared model folder could not read them."""
     path = tmp_path / "shared" / "masks.safetensors"
     recipe = write_recipe(tmp_path / "dam.yml", llama_models, parameters={"masks": str(path)})

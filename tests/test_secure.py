@@ -234,3 +234,23 @@ def test_skeleton_is_a_valid_calibration_file_once_data_is_set(tmp_path):
 def test_calibration_path_for():
     assert calibration_path_for("r/x.yml") == Path("r/x.calibration.yml")
     assert calibration_path_for("x.yaml") == Path("x.calibration.yml")
+
+
+def test_causal_lm_skeleton_has_the_causal_lm_defaults(tmp_path):
+    """The skeleton used to carry CLIP's 150 steps and element masks into an LLM merge."""
+    from dam_mergekit.calibrate.config import default_calibration
+
+    base = tmp_path / "llama"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    out = secure(TASK_ARITHMETIC.replace("base_model: base", f"base_model: {base}"))
+    skeleton = yaml.safe_load(out.calibration_text)
+    expected = default_calibration("causal_lm", "")
+    assert skeleton["granularity"] == "row"
+    assert {k: skeleton[k] for k in skeleton if k != "data"} == {
+        k: expected[k] for k in skeleton if k != "data"
+    }
+    recipe_file = Path(__file__).parents[1] / "recipes" / "dam-llama-calibration.yml"
+    recipe = yaml.safe_load(recipe_file.read_text())
+    for key in ("steps", "final_steps", "batch_size", "granularity"):
+        assert skeleton[key] == recipe[key], key

@@ -8,6 +8,7 @@ the ``group.metadata.name`` values the kernel will see. Calibration, ``masks ini
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +22,24 @@ from dam_mergekit.recipe.checks import (
     check_plan_covers_base,
 )
 from dam_mergekit.recipe.params import check_recipe_keys, finite_number
+
+DTYPE_DEPRECATION = "`torch_dtype` is deprecated"
+
+
+class _DropDtypeDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return DTYPE_DEPRECATION not in record.getMessage()
+
+
+def quiet_dtype_deprecation() -> None:
+    """Drop the ``torch_dtype`` deprecation transformers 5 prints on each merge and plan.
+
+    mergekit 0.1.5 sets ``config.torch_dtype`` on the output config; the user can do nothing
+    about it, and a warning on every command teaches people to ignore warnings.
+    """
+    logger = logging.getLogger("transformers.configuration_utils")
+    if not any(isinstance(f, _DropDtypeDeprecation) for f in logger.filters):
+        logger.addFilter(_DropDtypeDeprecation())
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,7 @@ def plan_recipe(config, options=None, *, allow_pickle: bool = False) -> RecipePl
     from dam_mergekit.method import register_methods
 
     register_methods()
+    quiet_dtype_deprecation()
     options = options or MergeOptions()
     config = copy.deepcopy(config)
     if config.base_model is None:

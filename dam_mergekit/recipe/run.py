@@ -171,8 +171,10 @@ def _original_run_merge():
 def install_guard() -> None:
     """Register the methods and route mergekit's ``run_merge`` through :func:`run_merge`."""
     from dam_mergekit.method import register_methods
+    from dam_mergekit.recipe.plan import quiet_dtype_deprecation
 
     register_methods()
+    quiet_dtype_deprecation()
     merge_module = _mergekit_merge()
     original = _original_run_merge()
 

@@ -17,7 +17,13 @@ def add_parser(subparsers) -> None:
         help="build a zoo (cached: the same options again return at once)",
         description="Build a zoo of a base model, experts (some backdoored) and clean controls.",
     )
-    b.add_argument("--kind", choices=("clip", "llm"), default="clip")
+    b.add_argument(
+        "--kind",
+        choices=("clip", "llm"),
+        default="clip",
+        help="clip: small CLIP vision experts on image tasks (digits, shapes, ...); llm: small "
+        "causal LMs on generated text tasks (default clip)",
+    )
     b.add_argument("--attack", help="trigger: badnets, blended or sig (default badnets)")
     b.add_argument(
         "--attack-mode",
