@@ -31,17 +31,17 @@ import argparse
 import functools
 import json
 import math
-import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dam_mergekit.bench_plot import plot
 from dam_mergekit.errors import DamError
+from dam_mergekit.staging import staged_file
 
 if TYPE_CHECKING:
     import torch
@@ -497,46 +497,6 @@ def _cell(value, std) -> str:
     return f"{value:.1f}" if not std else f"{value:.1f} ± {std:.1f}"
 
 
-def plot(results: dict, path: Path) -> None:
-    """ACC vs ASR per method: filled = succession ASR, hollow = transfer ASR; error bars = std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for i, (name, row) in enumerate(results["methods"].items()):
-        colour = plt.cm.tab10(i % 10)
-        std = row.get("std", {})
-        for key, marker, fill in (
-            ("asr_succession_avg", "o", colour),
-            ("asr_transfer_avg", "s", "none"),
-        ):
-            if row.get(key) is None or row.get("acc_avg") is None:
-                continue
-            ax.errorbar(
-                row["acc_avg"],
-                row[key],
-                xerr=std.get("acc_avg") or None,
-                yerr=std.get(key) or None,
-                fmt=marker,
-                color=colour,
-                mfc=fill,
-                label=f"{name} ({'succession' if marker == 'o' else 'transfer'})",
-            )
-    ax.set_xlabel("mean clean accuracy over tasks (%)")
-    ax.set_ylabel("attack success rate (%)")
-    ax.set_title(
-        "Backdoor bench: ACC vs ASR per method\n(filled: backdoored task, hollow: clean tasks)"
-    )
-    ax.set_ylim(-5, 105)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def zoos_for_seeds(zoo: Path, seeds: list[int] | None) -> dict[int, Path]:
     """One zoo per seed: the given zoo for its own seed, siblings ``<zoo>-seed<s>`` built from the
     same options for the others (cached like every zoo build)."""
@@ -589,13 +549,12 @@ def run_bench(
         "zoos": {str(s): str(z) for s, z in zoos.items()},
         "methods": aggregate(per_seed),
     }
-    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    table = summary_table(results)
-    _write_atomic(out / "summary.md", "# Bench summary\n\n" + table + "\n")
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".png", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    plot(results, tmp_path)
-    os.replace(tmp_path, out / "acc_asr.png")
+    with staged_file(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+    with staged_file(out / "summary.md") as tmp:
+        tmp.write_text("# Bench summary\n\n" + summary_table(results) + "\n")
+    with staged_file(out / "acc_asr.png") as tmp:
+        plot(results, tmp)
     return results
 
 
@@ -606,12 +565,6 @@ def _check_calibration(calibration: dict[str, Any] | None) -> None:
     CalibrationConfig.check_keys(
         calibration or {}, "bench --calibration", exclude=("adapter", "data")
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
