@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return CalibrationConfig
     if name == "calibrate":
-        from dam_mergekit.calibrate.trainer import calibrate
+        from dam_mergekit.calibrate.run import calibrate
 
         return calibrate
     if name == "ensure_masks":

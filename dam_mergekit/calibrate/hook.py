@@ -68,7 +68,7 @@ def ensure_masks(
 ):
     """Learn the mask file when it is missing or stale; return the CalibrationResult or None."""
     from dam_mergekit.calibrate.launch import is_main_process
-    from dam_mergekit.calibrate.trainer import calibrate
+    from dam_mergekit.calibrate.run import calibrate
     from dam_mergekit.recipe.load import dam_settings
 
     config = CalibrationConfig.load(calibration_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dam_mergekit.errors import DamError
-from dam_mergekit.recipe.plan import stored_tensors
+from dam_mergekit.model_files import stored_tensors
 
 
 def check_experts(

@@ -87,7 +87,7 @@ def plan_digest(plan) -> str:
 
 
 def model_records(plan, *, allow_pickle: bool = False) -> tuple[ModelRecord, list[ModelRecord]]:
-    from dam_mergekit.recipe.plan import model_dir
+    from dam_mergekit.model_files import model_dir
 
     def record(ref) -> ModelRecord:
         return ModelRecord(str(ref), fingerprint_model(model_dir(ref), allow_pickle=allow_pickle))
@@ -110,7 +110,7 @@ class Calibrator:
         progress: bool = True,
         log=None,
     ):
-        from dam_mergekit.recipe.plan import model_dir
+        from dam_mergekit.model_files import model_dir
 
         config.check()
         self.cfg = config
@@ -755,29 +755,3 @@ def _like(param: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 def _write_json(path: Path, data: dict) -> None:
     with staged_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-
-
-def calibrate(
-    plan,
-    config: CalibrationConfig,
-    mask_path=None,
-    *,
-    allow_pickle: bool = False,
-    progress: bool = True,
-    write: bool = True,
-) -> CalibrationResult:
-    """Run one calibration (all checks before training) and write the mask file.
-
-    Under ``torchrun`` with more than one process the state is sharded by FSDP
-    (:mod:`dam_mergekit.calibrate.sharded`); the masks are the same.
-    """
-    from dam_mergekit.calibrate.launch import launched_world_size
-
-    cls = Calibrator
-    if launched_world_size() > 1:
-        from dam_mergekit.calibrate.sharded import ShardedCalibrator
-
-        cls = ShardedCalibrator
-    return cls(plan, config, mask_path=mask_path, allow_pickle=allow_pickle, progress=progress).run(
-        write=write
-    )

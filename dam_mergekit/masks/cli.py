@@ -53,7 +53,7 @@ def _plan(recipe: str):
 
 def cmd_init(args: argparse.Namespace) -> int:
     from dam_mergekit.masks import MaskSet, ModelRecord, fingerprint_model, write_mask_file
-    from dam_mergekit.recipe.plan import model_dir
+    from dam_mergekit.model_files import model_dir
 
     out = Path(args.out)
     if out.exists() and not args.force:

@@ -37,7 +37,7 @@ class BoundMaskFile:
 def model_location(ref: Hashable) -> str:
     """Local directory of a mergekit ModelReference (or of a plain path)."""
     if hasattr(ref, "local_path"):
-        from dam_mergekit.recipe.plan import model_dir
+        from dam_mergekit.model_files import model_dir
 
         return model_dir(ref)
     return str(ref)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
 from dam_mergekit.errors import DamError
-
-if TYPE_CHECKING:
-    from dam_mergekit.recipe.plan import StoredTensor
+from dam_mergekit.masks.fingerprint import weight_files
+from dam_mergekit.model_files import StoredTensor, stored_tensors
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
@@ -30,8 +28,6 @@ def check_plan_covers_base(
     table when the caller has read it already.
     """
     if stored is None:
-        from dam_mergekit.recipe.plan import stored_tensors
-
         stored = stored_tensors(str(base_dir))
     planned = set(plan_tensor_names)
     weights = {name for name, t in stored.items() if t.dtype in FLOAT_DTYPES}
@@ -60,9 +56,6 @@ def check_experts_match_base(
     calibration, ``masks init`` and ``masks validate`` should all say it first, in one line.
     Pickle-only experts (allowed by ``allow_pickle``) have no header to read and are skipped.
     """
-    from dam_mergekit.masks.fingerprint import weight_files
-    from dam_mergekit.recipe.plan import stored_tensors
-
     files = weight_files(expert_dir, allow_pickle=allow_pickle)
     if any(f.suffix != ".safetensors" for f in files):
         return

@@ -10,11 +10,10 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from dam_mergekit.errors import DamError
-from dam_mergekit.masks.fingerprint import read_safetensors_header, weight_files
+from dam_mergekit.model_files import model_dir, stored_tensors
 from dam_mergekit.recipe.checks import (
     FLOAT_DTYPES,
     check_experts_match_base,
@@ -153,29 +152,3 @@ def experts_in_recipe_order(config) -> list:
             ordered.append(entry.model)
     rest = [m for m in config.referenced_models() if m != base and m not in ordered]
     return ordered + sorted(rest, key=str)
-
-
-def model_dir(ref) -> str:
-    """A local directory for a mergekit ``ModelReference`` (downloads hub models, as mergekit does)."""
-    if ref.lora is not None:
-        raise DamError(f"{ref}: LoRA inputs are not supported by dam; merge the adapter first")
-    return ref.local_path()
-
-
-class StoredTensor(NamedTuple):
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype code, e.g. "F32"
-
-
-def stored_tensors(model_dir: str, *, allow_pickle: bool = False) -> dict[str, StoredTensor]:
-    """Every tensor of a model directory, from its safetensors headers (no tensor data read)."""
-    table: dict[str, StoredTensor] = {}
-    for path in weight_files(model_dir, allow_pickle=allow_pickle):
-        if path.suffix != ".safetensors":
-            raise DamError(f"{path}: dam reads tensor shapes from .safetensors checkpoints only")
-        header, _ = read_safetensors_header(path)
-        for key, value in header.items():
-            if key != "__metadata__":
-                table[key] = StoredTensor(path, tuple(value["shape"]), value["dtype"])
-    return table

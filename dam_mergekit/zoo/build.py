@@ -14,7 +14,7 @@ from typing import Any
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.staging import publish, temp_sibling
-from dam_mergekit.zoo.manifest import FORMAT, VERSION, load_manifest, options_hash, write_manifest
+from dam_mergekit.zoo.manifest import load_manifest, options_hash, write_manifest
 
 LOG = logging.getLogger(__name__)
 
@@ -111,17 +111,3 @@ def build_zoo(out_dir: str | Path, options: dict[str, Any] | None = None, *, for
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def manifest_header(kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    from dam_mergekit import __version__
-
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "kind": kind,
-        "options": options,
-        "base": "base",
-        "tasks": [],
-        "created_by": f"dam-mergekit {__version__}",
-    }

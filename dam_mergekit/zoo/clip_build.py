@@ -24,7 +24,7 @@ from dam_mergekit.zoo.loaders import to_float
 
 def build_clip_zoo(out: Path, options: dict[str, Any]) -> dict[str, Any]:
     """Pretrain, write heads and data, fine-tune clean experts, then the backdoored ones."""
-    from dam_mergekit.zoo.build import manifest_header
+    from dam_mergekit.zoo.manifest import manifest_header
 
     seed = options["seed"]
     names = list(options["tasks"])

@@ -93,3 +93,17 @@ def task_entry(manifest: dict[str, Any], name: str) -> dict[str, Any]:
             return task
     names = [t["name"] for t in manifest["tasks"]]
     raise DamError(f"zoo has no task {name!r}; tasks are {names}")
+
+
+def manifest_header(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    from dam_mergekit import __version__
+
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "options": options,
+        "base": "base",
+        "tasks": [],
+        "created_by": f"dam-mergekit {__version__}",
+    }
