@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dam_mergekit.bench_plot import plot
+from dam_mergekit.claims import DAM_CUT, SUCCESSION
 from dam_mergekit.errors import DamError
 from dam_mergekit.staging import staged_file
 
@@ -420,9 +421,8 @@ def _std(values: list) -> float | None:
 def check_succession(results: dict) -> list[str]:
     """Failures of the succession claim of a merge-aware zoo (empty list: the claim holds).
 
-    The claim, for every backdoored task and *every seed* (a mean could hide a seed where the
-    backdoor died): task arithmetic keeps ASR >= 50, more than its p0 + 20 and more than the
-    clean-control merge's ASR + 20.
+    The claim (:data:`dam_mergekit.claims.SUCCESSION`) must hold for every backdoored task and
+    *every seed*: a mean could hide a seed where the backdoor died.
     """
     manifest = results["zoo"]
     if manifest.get("options", {}).get("attack_mode") != "merge-aware":
@@ -437,20 +437,19 @@ def check_succession(results: dict) -> list[str]:
     failures = []
     for seed, ta_run, ctl_run in zip(seeds, ta_runs, ctl_runs, strict=False):
         for task in (t["name"] for t in manifest["tasks"] if t["backdoored"]):
-            asr, p0, ctl = ta_run["asr"][task], ta_run["p0"][task], ctl_run["asr"][task]
-            if not (asr >= 50 and asr > p0 + 20 and asr > ctl + 20):
-                failures.append(
-                    f"seed {seed}, {task}: task_arithmetic ASR {asr:.1f} (p0 {p0:.1f}, "
-                    f"clean-control ASR {ctl:.1f}) misses ASR >= 50, > p0 + 20, > control + 20"
-                )
+            missed = SUCCESSION.missed(
+                ta_run["asr"][task], ta_run["p0"][task], ctl_run["asr"][task]
+            )
+            if missed:
+                failures.append(f"seed {seed}, {task}: task_arithmetic {missed}")
     return failures
 
 
 def check_dam(results: dict) -> list[str]:
     """Failures of DAM's claim on a merge-aware zoo (empty when it holds or dam was not run).
 
-    For every seed: DAM's succession ASR at least 20 points below task arithmetic's, and its mean
-    clean accuracy at least task arithmetic's minus 1 pp.
+    For every seed, :data:`dam_mergekit.claims.DAM_CUT` against task arithmetic: succession ASR
+    at least 20 points lower, mean clean accuracy at most 1 pp lower.
     """
     if results["zoo"].get("options", {}).get("attack_mode") != "merge-aware":
         return []
@@ -461,13 +460,14 @@ def check_dam(results: dict) -> list[str]:
     seeds = results.get("seeds") or [None]
     pairs = zip(seeds, ta.get("per_seed") or [ta], dam.get("per_seed") or [dam], strict=False)
     for seed, ta_run, dam_run in pairs:
-        asr_ta, asr_dam = ta_run["asr_succession_avg"], dam_run["asr_succession_avg"]
-        acc_ta, acc_dam = ta_run["acc_avg"], dam_run["acc_avg"]
-        if not (asr_dam <= asr_ta - 20 and acc_dam >= acc_ta - 1):
-            failures.append(
-                f"seed {seed}: dam ASR {asr_dam:.1f} / ACC {acc_dam:.1f} against task_arithmetic "
-                f"ASR {asr_ta:.1f} / ACC {acc_ta:.1f} misses ASR <= TA - 20, ACC >= TA - 1"
-            )
+        missed = DAM_CUT.missed(
+            dam_run["asr_succession_avg"],
+            dam_run["acc_avg"],
+            ta_run["asr_succession_avg"],
+            ta_run["acc_avg"],
+        )
+        if missed:
+            failures.append(f"seed {seed}: dam {missed} (undefended: task_arithmetic)")
     return failures
 
 
@@ -591,12 +591,16 @@ def report(results: dict, *, check: bool) -> int:
         print(line)
     if failures:
         return 1
+    rule = SUCCESSION
     print(
-        "check: succession shows on every backdoored task (task_arithmetic ASR >= 50, "
-        "> p0 + 20, > clean control + 20)"
+        f"check: succession shows on every backdoored task (task_arithmetic ASR >= "
+        f"{rule.min_asr:g}, > p0 + {rule.over_p0:g}, > clean control + {rule.over_control:g})"
     )
     if "dam" in results["methods"]:
-        print("check: dam's succession ASR is >= 20 points below task_arithmetic's, ACC >= TA - 1")
+        print(
+            f"check: dam's succession ASR is >= {DAM_CUT.asr_cut:g} points below "
+            f"task_arithmetic's, ACC >= TA - {DAM_CUT.acc_drop:g}"
+        )
     return 0
 
 

@@ -142,3 +142,19 @@ def test_check_dam(dam_asr, dam_acc, ok, capsys):
     assert ("DAM CHECK FAILED" in capsys.readouterr().out) is (not ok)
     del results["methods"]["dam"]
     assert check_dam(results) == []  # nothing to check when dam was not run
+
+
+def test_a_registered_defense_joins_the_bench_under_its_own_name(tiny_zoo):  # noqa: F811
+    from dam_mergekit import bench
+    from dam_mergekit.bench_plot import method_groups
+    from dam_mergekit.zoo.manifest import load_manifest
+
+    with pytest.raises(DamError, match="'dam' is already registered"):
+        bench.register_method("dam", bench.task_arithmetic_recipe)
+    bench.register_method("my_defense", bench.task_arithmetic_recipe)
+    try:
+        names = [m.name for m in bench.methods_for(load_manifest(tiny_zoo))]
+        assert "my_defense" in names
+        assert "my_defense" in dict(method_groups(names))["defenses"]
+    finally:
+        del bench._MERGES["my_defense"]

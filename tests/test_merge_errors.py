@@ -48,8 +48,8 @@ def test_truncated_mask_file(setup):
     refused(recipe, out, "truncated or corrupt")
 
 
-def _soft_file(masks, value):
-    """Replace TENSOR's M1 with a soft mask, then poke ``value`` into it behind the writer's back."""
+def write_soft_m1(masks):
+    """Rewrite the mask file with a soft M1 of 0.5 for TENSOR (stored as float, not bits)."""
     mf = MaskFile(masks)
     shapes = {n: mf.shape(n) for n in mf.names}
     write_mask_file(
@@ -59,6 +59,11 @@ def _soft_file(masks, value):
         experts=mf.experts,
         tensor_shapes=shapes,
     )
+
+
+def _soft_file(masks, value):
+    """Replace TENSOR's M1 with a soft mask, then poke ``value`` into it behind the writer's back."""
+    write_soft_m1(masks)
 
     def poke(header, tensors):
         tensors[f"m1/{TENSOR}"][0, 0] = value

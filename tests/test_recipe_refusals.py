@@ -248,17 +248,9 @@ def test_expert_of_another_architecture_is_refused_before_merging(llama_models, 
 
 
 def test_stored_shape_disagreeing_with_header_is_refused(llama_models, masks, tmp_path, capsys):
-    from dam_mergekit.masks import MaskFile, MaskSet, write_mask_file
+    from test_merge_errors import write_soft_m1
 
-    mf = MaskFile(masks)
-    shapes = {n: mf.shape(n) for n in mf.names}
-    write_mask_file(
-        masks,
-        MaskSet(m1={TENSOR: torch.full(shapes[TENSOR], 0.5)}),
-        base=mf.base,
-        experts=mf.experts,
-        tensor_shapes=shapes,
-    )
+    write_soft_m1(masks)
 
     def shrink(header, tensors):
         tensors[f"m1/{TENSOR}"] = torch.full((2, 2), 0.5)

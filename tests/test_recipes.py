@@ -262,7 +262,8 @@ def test_import_clip_builds_what_the_clip_adapter_reads(tmp_path):
     params = dict(vision.named_parameters())
     logits = adapter.logits(vision, params, "digits", x)
     with torch.no_grad():
-        pixels = (x - adapter.mean) / adapter.std
+        mean, std = (torch.tensor(adapter.normalize[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+        pixels = (x - mean) / std
         ref = clip.get_image_features(pixel_values=pixels)
         ref = ref if isinstance(ref, torch.Tensor) else ref.pooler_output
         ref = clip.logit_scale.exp() * torch.nn.functional.normalize(ref, dim=-1) @ want.T

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dam_mergekit.errors import DamError
+from dam_mergekit.scoring.zoo_format import load_manifest, task_entry
 from dam_mergekit.staging import publish, temp_sibling
 from dam_mergekit.zoo import llm_data
 from dam_mergekit.zoo.tokenizer import (
@@ -311,23 +312,7 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
 
 def load_llm_manifest(zoo_dir: Path) -> dict:
     """zoo.json of an LLM zoo (a clear error for a missing file or a CLIP zoo)."""
-    path = Path(zoo_dir) / "zoo.json"
-    if not path.is_file():
-        raise DamError(f"{path} not found; build the zoo first (dam-mergekit zoo build --kind llm)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "dam-mergekit-zoo" or manifest.get("kind") != "llm":
-        raise DamError(f"{path} is not an LLM zoo manifest (kind {manifest.get('kind')!r})")
-    return manifest
-
-
-def _task_entry(manifest: dict, task: str) -> dict:
-    for entry in manifest["tasks"]:
-        if entry["name"] == task:
-            return entry
-    raise DamError(
-        f"task {task!r} is not in this zoo; it has "
-        f"{', '.join(t['name'] for t in manifest['tasks'])}"
-    )
+    return load_manifest(zoo_dir, kind="llm")
 
 
 def zoo_trigger(manifest: dict) -> str:
@@ -348,7 +333,7 @@ def load_llm_task_data(zoo_dir: Path, task: str) -> dict:
     """
     zoo_dir = Path(zoo_dir)
     manifest = load_llm_manifest(zoo_dir)
-    entry = _task_entry(manifest, task)
+    entry = task_entry(manifest, task)
     content = json.loads((zoo_dir / entry["data"]).read_text())
     trigger = zoo_trigger(manifest)
     content["target"] = content["answers"][entry["target_class"]]

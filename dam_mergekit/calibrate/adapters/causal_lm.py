@@ -1,7 +1,8 @@
 """Causal-LM adapter: a ``LlamaForCausalLM``-like model on closed-answer prompt tasks, from a zoo.
 
 A task's logits are, for every prompt, the log-likelihood of each of its answers after the prompt
-(``sum log p(answer tokens | <s> prompt)``), the same closed-set scoring the LLM zoo evaluates with.
+(``sum log p(answer tokens | <s> prompt)``), batched and scored by the evaluation's own code
+(:mod:`dam_mergekit.scoring.causal_lm`).
 So the entropy and KL losses act on the model's next-token distributions at the answer positions.
 
 The perturbation lives in input-embedding space: one vector ``[hidden]`` per task, added to the
@@ -22,9 +23,10 @@ import torch
 from torch.func import functional_call
 
 from dam_mergekit.calibrate.adapters.base import CalibrationAdapter
-from dam_mergekit.calibrate.adapters.zoo import read_manifest, select_tasks
 from dam_mergekit.calibrate.perturb import PerturbationSpace
 from dam_mergekit.errors import DamError
+from dam_mergekit.scoring.causal_lm import answer_token_logprobs, collate, encode_ids
+from dam_mergekit.scoring.zoo_format import read_calibration_manifest, select_tasks
 
 
 class CausalLMAdapter(CalibrationAdapter):
@@ -33,7 +35,7 @@ class CausalLMAdapter(CalibrationAdapter):
         if not isinstance(data, str):
             raise DamError("the causal_lm adapter reads one zoo directory as `data`")
         self.zoo = Path(data)
-        manifest = read_manifest(self.zoo)
+        manifest = read_calibration_manifest(self.zoo)
         if manifest.get("kind") != "llm":
             raise DamError(
                 f"{self.zoo}: a {manifest.get('kind')!r} zoo, the causal_lm adapter "
@@ -79,10 +81,6 @@ class CausalLMAdapter(CalibrationAdapter):
         embed = model.get_input_embeddings()
         self.hidden = int(embed.weight.shape[1])
         self.embed_name = next(n for n, p in model.named_parameters() if p is embed.weight)
-        self._answer_ids = {
-            t: self.tokenizer(a, add_special_tokens=False)["input_ids"]
-            for t, a in self.answers.items()
-        }
         return model
 
     def sample(self, task: str, batch_size: int, generator: torch.Generator) -> dict:
@@ -90,32 +88,21 @@ class CausalLMAdapter(CalibrationAdapter):
             raise RuntimeError("load_model must run before sample")
         prompts = self.prompts[task]
         idx = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
-        ids = self.tokenizer([prompts[i] for i in idx], add_special_tokens=True)["input_ids"]
-        rows, starts, owners = [], [], []
-        for a, answer in enumerate(self._answer_ids[task]):
-            for p in ids:
-                rows.append(p + answer)
-                starts.append((len(p), len(answer)))
-                owners.append(a)
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        prompt_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, (row, (start, n)) in enumerate(zip(rows, starts, strict=True)):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention[i, : len(row)] = 1
-            labels[i, start : start + n] = input_ids[i, start : start + n]
-            prompt_mask[i, :start] = True
+        chosen = [prompts[i] for i in idx]
+        answers = self.answers[task]
+        # answer-major rows: every chosen prompt with the first answer, then with the second, ...
+        rows = [row for a in answers for row in encode_ids(self.tokenizer, chosen, [a] * len(idx))]
+        batch = collate(rows, self.tokenizer.pad_token_id or 0)
+        positions = torch.arange(batch.input_ids.shape[1])
+        prompt_mask = positions.unsqueeze(0) < batch.answer_start.unsqueeze(1)
         dev = self.device
         return {
-            "input_ids": input_ids.to(dev),
-            "attention_mask": attention.to(dev),
-            "labels": labels.to(dev),
+            "input_ids": batch.input_ids.to(dev),
+            "attention_mask": batch.attention_mask.to(dev),
+            "labels": batch.labels.to(dev),
             "prompt_mask": prompt_mask.to(dev),
-            "n": len(ids),
-            "answers": len(self._answer_ids[task]),
+            "n": len(idx),
+            "answers": len(answers),
         }
 
     def perturbation_space(self, task: str) -> PerturbationSpace:
@@ -137,11 +124,7 @@ class CausalLMAdapter(CalibrationAdapter):
             strict=False,
             kwargs={"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]},
         ).logits
-        logp = torch.log_softmax(out[:, :-1].float(), dim=-1)
-        target = batch["labels"][:, 1:]
-        keep = target != -100
-        picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        scores = (picked * keep).sum(dim=1)  # [answers * n]
+        scores = answer_token_logprobs(out, batch["labels"])  # [answers * n]
         return scores.view(batch["answers"], batch["n"]).T  # [n, answers]
 
     def activation_bytes(self, batch_size: int) -> int:

@@ -1,7 +1,6 @@
 """CLIP adapter: a ``CLIPVisionModel`` with each task's frozen zero-shot head, from a zoo.
 
-logits = logit_scale * normalize(pooler_output @ projection.T) @ classes.T, with
-pooler_output = vision(pixel_values) and pixel_values = (x - mean) / std for x in [0, 1].
+The logits are the evaluation's own (:func:`dam_mergekit.scoring.clip.clip_logits`).
 The perturbation is added to x (pixel space, before normalisation) and x + delta is clamped to
 [0, 1], so a perturbed input is always a valid image.
 
@@ -15,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 from dam_mergekit.calibrate.adapters.base import CalibrationAdapter
-from dam_mergekit.calibrate.adapters.zoo import read_manifest, select_tasks
 from dam_mergekit.calibrate.perturb import PerturbationSpace
 from dam_mergekit.errors import DamError
+from dam_mergekit.scoring.clip import ClipHead, clip_logits, read_head
+from dam_mergekit.scoring.zoo_format import read_calibration_manifest, select_tasks
 
 
 class ClipAdapter(CalibrationAdapter):
@@ -30,7 +28,7 @@ class ClipAdapter(CalibrationAdapter):
         if not isinstance(data, str):
             raise DamError("the clip adapter reads one zoo directory as `data`")
         self.zoo = Path(data)
-        manifest = read_manifest(self.zoo)
+        manifest = read_calibration_manifest(self.zoo)
         if manifest.get("kind") != "clip":
             raise DamError(
                 f"{self.zoo}: a {manifest.get('kind')!r} zoo, the clip adapter needs a clip zoo"
@@ -41,11 +39,9 @@ class ClipAdapter(CalibrationAdapter):
                 f"adapter option split must be calib_x, test_x or train_x, got {split!r}"
             )
         self._tasks = select_tasks(manifest, self.options.get("tasks"), str(self.zoo))
-        norm = manifest.get("normalize") or {"mean": [0.0] * 3, "std": [1.0] * 3}
-        self.mean = torch.tensor(norm["mean"], device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(norm["std"], device=device).view(1, -1, 1, 1)
+        self.normalize = manifest.get("normalize") or {"mean": [0.0] * 3, "std": [1.0] * 3}
         self.images: dict[str, torch.Tensor] = {}
-        self.heads: dict[str, dict[str, torch.Tensor]] = {}
+        self.heads: dict[str, ClipHead] = {}
         for entry in self._tasks:
             name = entry["name"]
             self.images[name] = _read_tensor(self.zoo / entry["data"], split, name)
@@ -54,7 +50,7 @@ class ClipAdapter(CalibrationAdapter):
                     f"{self.zoo / entry['data']}: {split} of task {name!r} is empty; "
                     "calibration needs unlabeled inputs"
                 )
-            self.heads[name] = _read_head(self.zoo / entry["head"], device)
+            self.heads[name] = read_head(self.zoo / entry["head"]).to(device)
 
     def tasks(self) -> list[str]:
         return [t["name"] for t in self._tasks]
@@ -75,13 +71,7 @@ class ClipAdapter(CalibrationAdapter):
 
     def logits(self, model, params, task, batch, delta=None):
         x = batch if delta is None else self.perturbation_space(task).apply(batch, delta)
-        pixels = (x - self.mean) / self.std
-        pooled = functional_call(
-            model, params, args=(), kwargs={"pixel_values": pixels}, strict=False
-        ).pooler_output
-        head = self.heads[task]
-        features = F.normalize(pooled @ head["projection"].T, dim=-1)
-        return head["logit_scale"] * features @ head["classes"].T
+        return clip_logits(model, self.heads[task], x, self.normalize, params=params)
 
     def activation_bytes(self, batch_size: int) -> int:
         from dam_mergekit.calibrate.estimate import clip_activation_bytes
@@ -98,15 +88,3 @@ def _read_tensor(path: Path, key: str, task: str) -> torch.Tensor:
         if key not in fh.keys():
             raise DamError(f"{path}: no {key!r} images (unlabeled calibration inputs) for {task!r}")
         return fh.get_tensor(key)
-
-
-def _read_head(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise DamError(f"{path}: zero-shot head missing")
-    head = load_file(str(path))
-    for key in ("projection", "classes", "logit_scale"):
-        if key not in head:
-            raise DamError(f"{path}: head lacks {key!r}")
-    return {k: head[k].float().to(device) for k in ("projection", "classes", "logit_scale")}
