@@ -296,14 +296,28 @@ def test_output_path_problems_are_refused_before_anything_runs(llama_models, mas
     with pytest.raises(DamError, match="output path is a file"):
         merge_in_process(recipe, a_file)
     assert a_file.read_text() == "not a folder"
+
+
+def test_a_read_only_output_folder_is_refused_before_anything_runs(
+    llama_models, masks, tmp_path, monkeypatch
+):
+    """A read-only file system (or a folder without write permission) is found in the pre-flight.
+
+    Root ignores mode bits, so the file system's answer is simulated where it says "writable".
+    """
+    recipe = write_recipe(tmp_path / "dam.yml", llama_models, parameters={"masks": str(masks)})
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    real_access = os.access
+    if real_access(locked, os.W_OK):
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
+        )
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running with permissions that ignore the mode bits")
         with pytest.raises(DamError, match="cannot write the merged model here"):
             merge_in_process(recipe, locked / "out")
+        assert list(locked.iterdir()) == [] and not (tmp_path / "out").exists()
     finally:
         locked.chmod(0o700)
 
