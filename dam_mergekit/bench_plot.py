@@ -57,7 +57,8 @@ def draw(results: dict):
         values = [methods[n].get(key) for n in order]
         stds = [methods[n].get("std", {}).get(key) or 0.0 for n in order]
         heights = [v if v is not None else 0.0 for v in values]
-        ax.bar(xs, heights, width, yerr=stds, color=colour, hatch=hatch, label=label, capsize=2)
+        spread = stds if any(stds) else None  # one seed: no error bars, not flat caps
+        ax.bar(xs, heights, width, yerr=spread, color=colour, hatch=hatch, label=label, capsize=2)
         if p0_key is None:
             continue
         marked = [
