@@ -19,6 +19,17 @@ from dam_mergekit.errors import DamError
 
 
 def current_umask() -> int:
+    """The process umask, read without changing it where the system tells (Linux).
+
+    Setting and restoring it would open a moment in which other threads (mergekit writes in
+    several) create files without any mask.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

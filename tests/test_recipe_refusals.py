@@ -384,3 +384,18 @@ def test_mask_files_and_merges_are_readable_by_others(llama_models, tmp_path, gr
     merge_in_process(recipe, out)
     assert out.stat().st_mode & 0o777 == 0o755
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("umask, file_mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_staged_files_follow_the_umask(tmp_path, umask, file_mode):
+    from dam_mergekit.staging import current_umask, staged_file
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        with staged_file(tmp_path / "x.bin") as tmp:
+            tmp.write_bytes(b"x")
+            tmp.chmod(0o600)  # as safetensors leaves it
+        assert (tmp_path / "x.bin").stat().st_mode & 0o777 == file_mode
+    finally:
+        os.umask(old)
