@@ -91,9 +91,10 @@ def main(argv=None) -> int:
     plan = plan_recipe(load_recipe(_recipe(zoo, cal_path)))
     calib = Calibrator(plan, CalibrationConfig.load(cal_path), progress=False)
     calib._setup()  # load base and experts once for task arithmetic
+    loaded = calib.state
     ta_state = {
         t.name: merge_tensor(
-            calib.base[t.name], [e[t.name] for e in calib.experts], [1.0] * calib.n, lam=args.lam
+            loaded.base[t.name], [e[t.name] for e in loaded.experts], [1.0] * calib.n, lam=args.lam
         )
         for t in plan.float_tensors
     }

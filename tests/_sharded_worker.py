@@ -15,12 +15,12 @@ if __name__ == "__main__":
     recipe, *rest = sys.argv[1:]
     if rest:
         stop = int(rest[0])
-        save = Calibrator._save_checkpoint
+        save = Calibrator.save_checkpoint
 
         def save_then_die(self, step, key, history):
             save(self, step, key, history)
             if step == stop:
                 raise SystemExit(3)
 
-        Calibrator._save_checkpoint = save_then_die
+        Calibrator.save_checkpoint = save_then_die
     sys.exit(main(["calibrate", recipe, "--no-progress"]))

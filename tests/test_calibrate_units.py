@@ -199,7 +199,7 @@ def test_resume_from_checkpoint(tmp_path, monkeypatch):
     reference = _run(plan, cal)  # uninterrupted, nothing written
 
     calls = {"n": 0}
-    original = Calibrator._mask_step
+    original = Calibrator.mask_step
 
     def crash_at_five(self):
         calls["n"] += 1
@@ -207,10 +207,10 @@ def test_resume_from_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(Calibrator, "_mask_step", crash_at_five)
+    monkeypatch.setattr(Calibrator, "mask_step", crash_at_five)
     with pytest.raises(KeyboardInterrupt):
         _run(plan, cal, mask)
-    monkeypatch.setattr(Calibrator, "_mask_step", original)
+    monkeypatch.setattr(Calibrator, "mask_step", original)
     ckpt = tmp_path / "dam-calibration.masks.safetensors.ckpt.safetensors"
     assert ckpt.is_file() and not (tmp_path / "dam-calibration.masks.safetensors").exists()
     resumed = _run(plan, cal, mask)
@@ -219,11 +219,11 @@ def test_resume_from_checkpoint(tmp_path, monkeypatch):
     for name in reference.merged:
         torch.testing.assert_close(resumed.merged[name], reference.merged[name], rtol=0, atol=0)
     # a checkpoint made with other settings is not used
-    monkeypatch.setattr(Calibrator, "_mask_step", crash_at_five)
+    monkeypatch.setattr(Calibrator, "mask_step", crash_at_five)
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         _run(plan, cal, mask)
-    monkeypatch.setattr(Calibrator, "_mask_step", original)
+    monkeypatch.setattr(Calibrator, "mask_step", original)
     data = yaml.safe_load(open(cal))
     data["alpha"] = 0.25
     open(cal, "w").write(yaml.safe_dump(data))
@@ -327,8 +327,8 @@ def test_train_m2_learns_m2_only(tmp_path):
     calib = Calibrator(plan, CalibrationConfig.load(cal), progress=False)
     result = calib.run(write=False)
     assert all(bool(m.all()) for m in result.masks.m1.values())
-    assert all(bool((s == -0.5).all()) for s in calib.s1.values())
-    assert any(bool((s != -0.5).any()) for s in calib.s2.values())
+    assert all(bool((s == -0.5).all()) for s in calib.state.m1_logits.values())
+    assert any(bool((s != -0.5).any()) for s in calib.state.m2_logits.values())
     assert all(torch.equal(c, torch.full((2,), 0.3)) for c in result.masks.coefficients.values())
     assert {h["m1_keep"] for h in result.history} == {1.0}
 
@@ -336,15 +336,20 @@ def test_train_m2_learns_m2_only(tmp_path):
 def test_targeted_trigger_search_pushes_towards_the_favoured_class():
     from types import SimpleNamespace
 
-    stub = SimpleNamespace(cfg=SimpleNamespace(trigger_search="targeted"), dual=True)
+    from dam_mergekit.calibrate.objectives import DefenseObjective, ReleasedObjective
+
+    objective = DefenseObjective(SimpleNamespace(trigger_search="targeted", perf_loss="distill"))
     adv = torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, 0.0], [0.0, 1.5, 0.2]], requires_grad=True)
     pseudo = torch.tensor([0, 1, 1])
-    objective = Calibrator._trigger_objective(stub, adv, pseudo)
-    (grad,) = torch.autograd.grad(objective, adv)
+    (grad,) = torch.autograd.grad(objective.trigger_objective(adv, pseudo), adv)
     # class 1 is favoured by the batch: ascending the objective raises its logit for every input
     assert (grad[:, 1] > 0).all() and (grad[:, [0, 2]] <= 0).all()
-    stub.cfg.trigger_search = "untargeted"  # as published: away from the pseudo-labels
-    (grad,) = torch.autograd.grad(Calibrator._trigger_objective(stub, adv, pseudo), adv)
+    objective.cfg.trigger_search = "untargeted"  # as published: away from the pseudo-labels
+    (grad,) = torch.autograd.grad(objective.trigger_objective(adv, pseudo), adv)
+    assert grad[0, 0] < 0 and grad[1, 1] < 0
+    # the released algorithm always searches away from the pseudo-labels
+    released = ReleasedObjective(SimpleNamespace(trigger_search="targeted"))
+    (grad,) = torch.autograd.grad(released.trigger_objective(adv, pseudo), adv)
     assert grad[0, 0] < 0 and grad[1, 1] < 0
 
 

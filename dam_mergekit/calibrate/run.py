@@ -1,6 +1,6 @@
-"""One calibration run: the single-process trainer, or the sharded one under ``torchrun``.
+"""One calibration run: the state on one device, or sharded by FSDP under ``torchrun``.
 
-The choice lives here, above both trainers, so that neither imports the other.
+The choice lives here, above the loop and both states, so that none of them imports another.
 """
 
 from __future__ import annotations
@@ -28,13 +28,23 @@ def calibrate(
     Under ``torchrun`` with more than one process the state is sharded by FSDP
     (:mod:`dam_mergekit.calibrate.sharded`); the masks are the same.
     """
-    from dam_mergekit.calibrate.trainer import Calibrator
+    from dam_mergekit.calibrate.trainer import ONE_PROCESS, Calibrator, StateLayout
 
-    cls = Calibrator
+    layout, log = ONE_PROCESS, None
     if launched_world_size() > 1:
-        from dam_mergekit.calibrate.sharded import ShardedCalibrator
+        from dam_mergekit.calibrate.sharded import ShardedState, join_process_group
 
-        cls = ShardedCalibrator
-    return cls(plan, config, mask_path=mask_path, allow_pickle=allow_pickle, progress=progress).run(
-        write=write
+        rank, world = join_process_group(config)
+        layout = StateLayout(ShardedState, rank, world)
+        if rank != 0:  # one process speaks for all
+            progress, log = False, (lambda msg: None)
+    calibrator = Calibrator(
+        plan,
+        config,
+        mask_path=mask_path,
+        allow_pickle=allow_pickle,
+        progress=progress,
+        log=log,
+        layout=layout,
     )
+    return calibrator.run(write=write)
