@@ -30,6 +30,7 @@ def stale_reason(
     """Why the mask file must be (re)learned, or None when it is fresh."""
     from dam_mergekit.calibrate.trainer import model_records, plan_digest
     from dam_mergekit.masks import MaskFile
+    from dam_mergekit.masks.file import CALIBRATED
 
     path = Path(mask_path)
     if not path.is_file():
@@ -39,7 +40,7 @@ def stale_reason(
     except DamError as err:
         return f"the mask file cannot be read ({err})"
     settings = mf.settings
-    if settings.get("source") != "dam-mergekit calibrate":
+    if settings.get("source") != CALIBRATED:
         return f"the mask file was not made by calibration (source: {settings.get('source')!r})"
     base, experts = model_records(plan, allow_pickle=allow_pickle)
     if mf.base.fingerprint != base.fingerprint:

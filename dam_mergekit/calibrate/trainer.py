@@ -60,6 +60,7 @@ from dam_mergekit.calibrate.perturb import Perturbations
 from dam_mergekit.calibrate.state import LocalState, StateInputs, coefficient_row, full
 from dam_mergekit.errors import DamError
 from dam_mergekit.masks import MaskSet, ModelRecord, fingerprint_model, write_mask_file
+from dam_mergekit.masks.file import CALIBRATED
 from dam_mergekit.merge import merge_tensor
 from dam_mergekit.staging import staged_file
 
@@ -401,7 +402,7 @@ class Calibrator:
     # -- the run ----------------------------------------------------------------------------------
     def settings(self, base: ModelRecord, experts: list[ModelRecord]) -> dict[str, Any]:
         return {
-            "source": "dam-mergekit calibrate",
+            "source": CALIBRATED,
             "calibration": self.cfg.settings(),
             "recipe": plan_digest(self.plan),
             "data": self.adapter.data_fingerprint(),

@@ -37,6 +37,7 @@ FORMAT = "dam-mergekit-masks"
 FORMAT_VERSION = 1
 METADATA_KEY = "dam_mergekit"
 SHARED = "shared"
+CALIBRATED = "dam-mergekit calibrate"  # settings["source"] of a mask file calibration wrote
 # Coefficients a mask file may hold: calibration clamps inside it (as_released learns up to 10).
 COEFFICIENT_RANGE = (0.0, 10.0)
 
