@@ -36,6 +36,14 @@ OPENCLIP_PREFIX = "visual."
 DEFAULT_EPS = 1e-5
 
 # vision_cfg keys open_clip knows; the unsupported ones among them are refused one by one below
+_CUSTOM_BLOCK_FLAGS = (
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
+)
 _KNOWN_VISION_KEYS = {
     "layers",
     "width",
@@ -63,21 +71,8 @@ _KNOWN_VISION_KEYS = {
     "pool_type",
     "ls_init_value",
     "block_type",
-    "qk_norm",
-    "scaled_cosine_attn",
-    "scale_heads",
-    "scale_attn_inner",
-    "scale_attn",
-    "scale_fc",
+    *_CUSTOM_BLOCK_FLAGS,
 }
-_CUSTOM_BLOCK_FLAGS = (
-    "qk_norm",
-    "scaled_cosine_attn",
-    "scale_heads",
-    "scale_attn_inner",
-    "scale_attn",
-    "scale_fc",
-)
 _ACTIVATIONS = {  # (quick_gelu, GELU approximate) -> transformers hidden_act
     (True, "none"): "quick_gelu",
     (False, "none"): "gelu",
