@@ -22,7 +22,7 @@ import yaml
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.recipe.load import read_yaml
-from dam_mergekit.staging import temp_sibling
+from dam_mergekit.staging import staged_files
 
 SOURCE_METHODS = ("task_arithmetic", "ties", "dare_ties")
 KEPT_PARAMETERS = ("weight", "lambda")
@@ -279,18 +279,9 @@ def secure_file(src: str | os.PathLike, out: str | os.PathLike, *, force: bool =
     raw = read_yaml(src, "recipe")
     secured = secure_recipe(raw, str(calib), source=str(src))
     out.parent.mkdir(parents=True, exist_ok=True)
-    temps = []
-    outputs = ((calib, secured.calibration_text), (out, recipe_text(secured, str(src))))
-    try:
-        for path, text in outputs:
-            tmp = temp_sibling(path)
-            temps.append((tmp, path))
-            tmp.write_text(text, encoding="utf-8")
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
+    with staged_files(calib, out) as (calib_tmp, out_tmp):
+        calib_tmp.write_text(secured.calibration_text, encoding="utf-8")
+        out_tmp.write_text(recipe_text(secured, str(src)), encoding="utf-8")
     return secured
 
 

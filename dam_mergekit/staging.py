@@ -84,13 +84,40 @@ def publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def publish_into(tmp: Path, out: Path) -> None:
+    """Move the staged folder's entries into the folder ``out`` (created if missing), replacing
+    their namesakes and keeping every other file there, as a plain write into ``out`` would."""
+    tmp, out = Path(tmp), Path(out)
+    give_plain_modes(tmp)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    for entry in sorted(tmp.iterdir()):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+
+
+@contextlib.contextmanager
+def staged_files(*paths: Path) -> Iterator[list[Path]]:
+    """Temporary siblings of ``paths`` to write; all renamed into place only if the block
+    succeeds (otherwise none is), so files that belong together are published together."""
+    temps: list[Path] = []
+    try:
+        temps.extend(temp_sibling(Path(p)) for p in paths)
+        yield temps
+        for tmp, path in zip(temps, paths, strict=True):
+            publish(tmp, Path(path))
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def staged_file(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write; renamed onto ``path`` only if the block succeeds."""
-    tmp = temp_sibling(path)
-    try:
+    with staged_files(path) as (tmp,):
         yield tmp
-        publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

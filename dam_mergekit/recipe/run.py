@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.recipe.load import dam_settings, is_dam, mask_path_for
-from dam_mergekit.staging import give_plain_modes, temp_sibling
+from dam_mergekit.staging import publish_into, temp_sibling
 
 LOG = logging.getLogger(__name__)
 _GUARD_MARK = "__dam_mergekit_guard__"
@@ -109,20 +109,7 @@ def staged_output(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         LOG.warning("merge failed: %s was left as it was", out)
         raise
-    _publish(staging, out)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    give_plain_modes(staging)
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    for entry in sorted(staging.iterdir()):
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    staging.rmdir()
+    publish_into(staging, out)
 
 
 @contextlib.contextmanager
