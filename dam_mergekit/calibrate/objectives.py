@@ -30,7 +30,6 @@ class Run(Protocol):
     state: CalibrationState
     coef: torch.Tensor
     tasks: list[str]
-    adapter: Any
 
     def coefficient_step(self, masks: MaskDraw, *, perturbed: bool) -> Step: ...
 
@@ -41,6 +40,8 @@ class Run(Protocol):
     def step_coefficients(self, loss: torch.Tensor) -> None: ...
 
     def batches(self) -> dict[str, Any]: ...
+
+    def logits(self, params, task: str, x, delta: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class Objective(Protocol):
@@ -162,8 +163,7 @@ class ReleasedObjective:
         batches = run.batches()
         total = torch.zeros((), device=run.coef.device)
         for t in run.tasks:
-            logits = run.adapter.logits(run.state.model, params, t, batches[t])
-            total = total + entropy(logits)
+            total = total + entropy(run.logits(params, t, batches[t]))
         run.step_coefficients(total)
         return total.item(), 0.0, None
 

@@ -21,8 +21,6 @@ the loop and the objectives are the one-process ones.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -106,31 +104,19 @@ class TensorState(nn.Module):
         return merged(a)
 
 
-def join_process_group(config: CalibrationConfig) -> tuple[int, int]:
-    """Join the torchrun process group (refusing what cannot be sharded); (rank, world).
-
-    On cuda each process takes the GPU of its local rank, which is written into ``config``.
-    """
-    if not dist.is_available():
-        raise DamError("sharded calibration needs torch.distributed, which this torch lacks")
+def check_shardable(config: CalibrationConfig) -> None:
+    """Refuse, before anything is loaded, what the sharded state cannot run."""
     if config.train == "m2":
         raise DamError(
-            "train: m2 (the bench's awm row) runs in one process; start it without torchrun"
+            "train: m2 (the bench's awm row) cannot shard its state; run it in one process or "
+            "with DAM_CALIBRATION_PARALLEL=data"
         )
-    kind = torch.device(config.device).type
-    if kind not in ("cpu", "cuda"):
-        raise DamError(f"sharded calibration runs on cpu or cuda, not {config.device!r}")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    if kind == "cuda":  # one GPU per process: the launcher's local rank picks it
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        config.device = f"cuda:{local_rank}"
-    return dist.get_rank(), dist.get_world_size()
 
 
 class ShardedState:
     """The per-tensor state in FSDP-sharded :class:`TensorState` s, one per planned tensor."""
+
+    shards_state, splits_data = True, False
 
     def __init__(self, inputs: StateInputs, adapter, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
@@ -234,6 +220,16 @@ class ShardedState:
             with torch.no_grad():
                 m1, m2, r, base, experts = self.states[name]("final", masks, spec=self._spec(name))
             yield FinalTensor(name, m1, m2, r, base, experts)
+
+    def share(self, batch):
+        return batch  # every process runs the whole batch (sharded state, replicated data)
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def all_sum(self, tensors: list[torch.Tensor]) -> None:
+        """FSDP reduces the mask gradients itself; coefficients and perturbations are replicated
+        and see the same batches in every process."""
 
     def finish(self) -> None:
         dist.barrier()  # the mask file exists before any process goes on

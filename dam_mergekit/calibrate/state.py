@@ -79,10 +79,17 @@ class StateInputs:
 
 
 class CalibrationState(Protocol):
-    """The operations the loop and the objectives need from where the state lives."""
+    """The operations the loop and the objectives need from where the state lives.
+
+    ``share``, ``gather`` and ``all_sum`` are where data parallelism lives: this process's share of
+    a sampled batch, the whole batch's logits from every process's share (the local part stays
+    differentiable), and an in-place sum over processes of gradients computed from the shares.
+    """
 
     rank: int  # this process
-    world: int  # processes sharing the state
+    world: int  # processes sharing the calibration
+    shards_state: bool  # each process keeps 1/world of the state (FSDP)
+    splits_data: bool  # each process runs 1/world of every batch
     model: torch.nn.Module
     pnames: dict[str, str]  # planned tensor name -> module parameter name
     noise: torch.Generator  # the Concrete noise stream (checkpointed)
@@ -109,6 +116,12 @@ class CalibrationState(Protocol):
 
     def final_tensors(self, masks: MaskDraw) -> Iterator[FinalTensor]: ...
 
+    def share(self, batch: Any) -> Any: ...
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def all_sum(self, tensors: list[torch.Tensor]) -> None: ...
+
     def finish(self) -> None: ...
 
 
@@ -125,6 +138,7 @@ class LocalState:
     """The whole state on one device: the one-process calibration."""
 
     rank, world = 0, 1
+    shards_state = splits_data = False
 
     def __init__(self, inputs: StateInputs, adapter: Any, device: torch.device):
         self.inputs, self.device = inputs, device
@@ -232,6 +246,15 @@ class LocalState:
                     self.base[name],
                     [e[name] for e in self.experts],
                 )
+
+    def share(self, batch: Any) -> Any:
+        return batch
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def all_sum(self, tensors: list[torch.Tensor]) -> None:
+        """One process holds every gradient already."""
 
     def finish(self) -> None:
         """Nothing to wait for in one process."""

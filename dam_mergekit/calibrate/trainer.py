@@ -201,15 +201,17 @@ class Calibrator:
 
     # -- memory ------------------------------------------------------------------------------------
     def estimate_memory(self) -> int:
-        """Bytes the run needs at its peak (a deliberately generous estimate)."""
+        """Bytes the run needs at its peak (a deliberately generous estimate), per process."""
+        state, world = self.layout.state, self.layout.world
+        batch = -(-self.cfg.batch_size // world) if state.splits_data else self.cfg.batch_size
         return peak_memory_bytes(
             self.shapes.values(),
             experts=self.n,
             granularity=self.cfg.granularity,
             dual=self.objective.two_masks,
-            batch_activation_bytes=self.adapter.activation_bytes(self.cfg.batch_size),
+            batch_activation_bytes=self.adapter.activation_bytes(batch),
             tasks=len(self.tasks),
-            world_size=self.layout.world,
+            world_size=self.layout.world if state.shards_state else 1,
         )
 
     def available_memory(self) -> tuple[int, str]:
@@ -268,7 +270,15 @@ class Calibrator:
 
     # -- the steps every objective is made of -------------------------------------------------------
     def batches(self) -> dict[str, Any]:
-        return {t: self.adapter.sample(t, self.cfg.batch_size, self.data_gen) for t in self.tasks}
+        """A batch of every task, of which this process keeps its share (all of it, unless the
+        calibration is data-parallel)."""
+        size, gen = self.cfg.batch_size, self.data_gen
+        return {t: self.state.share(self.adapter.sample(t, size, gen)) for t in self.tasks}
+
+    def logits(self, params, task: str, x, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole batch's logits under ``params`` (with ``delta`` added where it lives)."""
+        extra = () if delta is None else (delta,)
+        return self.state.gather(self.adapter.logits(self.state.model, params, task, x, *extra))
 
     def task_losses(self, params, task: str, x, *, perturbed: bool, safe_params=None):
         """(clean loss L_perf, safety loss) for one batch (clean and perturbed forwards).
@@ -276,20 +286,17 @@ class Calibrator:
         ``safe_params`` (default ``params``) are the parameters of the perturbed forward: a
         sharded state passes a copy built with M1 detached.
         """
-        model = self.state.model
-        clean = self.adapter.logits(model, params, task, x)
+        clean = self.logits(params, task, x)
         teacher = None
         if task in self.teacher_of:
             with torch.no_grad():
                 expert = self.state.expert_params(self.teacher_of[task])
-                teacher = self.adapter.logits(model, expert, task, x)
+                teacher = self.logits(expert, task, x)
         h = self.objective.clean_loss(clean, teacher)
         if not perturbed or self.cfg.alpha == 0:
             return h, torch.zeros((), device=h.device)
         delta = self.perturb.deltas[task].detach()
-        adv = self.adapter.logits(
-            model, params if safe_params is None else safe_params, task, x, delta
-        )
+        adv = self.logits(params if safe_params is None else safe_params, task, x, delta)
         return h, self.objective.safety_loss(clean, adv)
 
     def coefficient_step(self, masks: MaskDraw, *, perturbed: bool) -> Step:
@@ -309,6 +316,7 @@ class Calibrator:
         opt = self.optimizers["c"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.state.all_sum([self.coef.grad])
         opt.step()
 
     def reset_coefficients(self, *, new_optimizer: bool = False) -> None:
@@ -321,17 +329,18 @@ class Calibrator:
         """Each task's perturbation ascends the trigger objective; returns the flip rate."""
         with torch.no_grad():
             params = self.state.merged_params(masks, self.coef.detach())
-        model, flips = self.state.model, 0.0
+        flips = 0.0
         for _ in range(self.cfg.perturb_steps):
             batches = self.batches()
             for t in self.tasks:
                 x = batches[t]
                 with torch.no_grad():
-                    pseudo = self.adapter.logits(model, params, t, x).argmax(-1)
+                    pseudo = self.logits(params, t, x).argmax(-1)
                 delta = self.perturb.deltas[t].detach().clone().requires_grad_(True)
-                adv = self.adapter.logits(model, params, t, x, delta)
+                adv = self.logits(params, t, x, delta)
                 loss = self.objective.trigger_objective(adv.float(), pseudo)
                 (grad,) = torch.autograd.grad(loss, delta)
+                self.state.all_sum([grad])
                 self.perturb.step(t, grad)
                 flips += float((adv.argmax(-1) != pseudo).float().mean()) / len(self.tasks)
         return flips / self.cfg.perturb_steps

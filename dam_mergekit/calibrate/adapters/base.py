@@ -7,7 +7,8 @@ The trainer knows nothing about the model family. An adapter tells it:
   each merged tensor is (``parameter_names``; by default the names are the same);
 - the logits of a batch under given parameters, with the task's perturbation added where it lives
   (``logits``; the trainer passes merged parameters for ``torch.func.functional_call``);
-- where the perturbation lives (``perturbation_space``: its shape and the valid input range).
+- where the perturbation lives (``perturbation_space``: its shape and the valid input range);
+- how to take one process's share of a batch under data-parallel calibration (``share``).
 
 Adapters never read labels: calibration is unsupervised, like the paper's.
 """
@@ -78,6 +79,20 @@ class CalibrationAdapter(ABC):
                 )
             out[name] = name
         return out
+
+    def share(self, batch: Any, part: int, parts: int) -> Any:
+        """Inputs ``part`` of ``parts`` of a sampled batch, for data-parallel calibration.
+
+        The shares, in order, must hold every input of the batch once, so that their logits
+        concatenated along dim 0 are the batch's logits. By default the batch is one tensor split
+        along dim 0; an adapter with another batch type overrides this.
+        """
+        if not isinstance(batch, torch.Tensor):
+            raise DamError(
+                f"{type(self).__name__}.sample returns {type(batch).__name__}, not a tensor; "
+                "data-parallel calibration needs the adapter to define share()"
+            )
+        return batch.tensor_split(parts)[part]
 
     def activation_bytes(self, batch_size: int) -> int:
         """Rough activation memory of one forward+backward at ``batch_size`` (for the estimate)."""

@@ -105,6 +105,21 @@ class CausalLMAdapter(CalibrationAdapter):
             "answers": len(answers),
         }
 
+    def share(self, batch: dict, part: int, parts: int) -> dict:
+        """The rows of prompts ``part`` of ``parts``, in every answer block (rows are answer-major);
+        the padded width stays the whole batch's, so each row is computed as in the whole batch."""
+        n = batch["n"]
+        prompts = torch.arange(n).tensor_split(parts)[part]
+        rows = torch.cat([a * n + prompts for a in range(batch["answers"])]).to(
+            batch["input_ids"].device
+        )
+        keys = ("input_ids", "attention_mask", "labels", "prompt_mask")
+        return {
+            **{k: batch[k].index_select(0, rows) for k in keys},
+            "n": len(prompts),
+            "answers": batch["answers"],
+        }
+
     def perturbation_space(self, task: str) -> PerturbationSpace:
         if self.hidden is None:
             raise RuntimeError("load_model must run before perturbation_space")
