@@ -6,7 +6,7 @@ import pytest
 import yaml
 from zoo_fixtures import tiny_zoo  # noqa: F401
 
-from dam_mergekit.bench import check_dam, check_succession, report, run_bench
+from dam_mergekit.lab.bench import check_dam, check_succession, report, run_bench
 from dam_mergekit.errors import DamError
 
 QUICK = {"steps": 3, "final_steps": 1, "batch_size": 4}
@@ -145,9 +145,9 @@ def test_check_dam(dam_asr, dam_acc, ok, capsys):
 
 
 def test_a_registered_defense_joins_the_bench_under_its_own_name(tiny_zoo):  # noqa: F811
-    from dam_mergekit import bench
-    from dam_mergekit.bench_plot import method_groups
-    from dam_mergekit.zoo.manifest import load_manifest
+    from dam_mergekit.lab import bench
+    from dam_mergekit.lab.bench.figure import method_groups
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
     with pytest.raises(DamError, match="'dam' is already registered"):
         bench.register_method("dam", bench.task_arithmetic_recipe)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dam_mergekit.claims import DAM_CUT, SUCCESSION
+from dam_mergekit.lab.claims import DAM_CUT, SUCCESSION
 from dam_mergekit.errors import DamError
-from dam_mergekit.zoo.llm_check import check_succession
+from dam_mergekit.lab.zoo.llm_check import check_succession
 
 
 @pytest.mark.parametrize(

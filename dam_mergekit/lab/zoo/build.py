@@ -14,7 +14,7 @@ from typing import Any
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.staging import publish, temp_sibling
-from dam_mergekit.zoo.manifest import load_manifest, options_hash, write_manifest
+from dam_mergekit.lab.zoo.manifest import load_manifest, options_hash, write_manifest
 
 LOG = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ CLIP_DEFAULTS: dict[str, Any] = {
 
 def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults for the kind and check values before anything is written."""
-    from dam_mergekit.zoo.attacks import ATTACKS, default_params
-    from dam_mergekit.zoo.data import TASKS
+    from dam_mergekit.lab.zoo.attacks import ATTACKS, default_params
+    from dam_mergekit.lab.zoo.data import TASKS
 
     kind = options.get("kind", "clip")
     if kind == "llm":
@@ -93,7 +93,7 @@ def build_zoo(out_dir: str | Path, options: dict[str, Any] | None = None, *, for
     try:
         if options["kind"] == "llm":
             try:
-                from dam_mergekit.zoo.llm import build_llm_zoo
+                from dam_mergekit.lab.zoo.llm import build_llm_zoo
             except ImportError as err:
                 raise DamError(
                     f"this dam-mergekit has no LLM zoo builder ({err}); use --kind clip"
@@ -101,7 +101,7 @@ def build_zoo(out_dir: str | Path, options: dict[str, Any] | None = None, *, for
             build_llm_zoo(tmp, options)
             manifest = load_manifest(tmp)
         else:
-            from dam_mergekit.zoo.clip_build import build_clip_zoo
+            from dam_mergekit.lab.zoo.clip_build import build_clip_zoo
 
             manifest = build_clip_zoo(tmp, options)
         manifest["options_hash"] = digest

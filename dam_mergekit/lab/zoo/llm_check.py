@@ -12,9 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
-from dam_mergekit.claims import SUCCESSION, SuccessionRule
+from dam_mergekit.lab.claims import SUCCESSION, SuccessionRule
 from dam_mergekit.errors import DamError
-from dam_mergekit.zoo.llm import evaluate_llm, load_llm_manifest
+from dam_mergekit.lab.zoo.llm import evaluate_llm, load_llm_manifest
 
 DEFAULT_SETTINGS = ((0.3, 1.0), (0.5, 1.0), (1.0, 1.0), (1.0, None))  # weight None: 1/n each
 
@@ -82,7 +82,7 @@ def check_succession(
 
     Claims: every expert beats the base on its task; each backdoored expert has ASR >= 90 and
     clean ACC within 5 points of its control; after task_arithmetic (lambda 0.3, weights 1) each
-    backdoored task shows succession by the bench's own rule (:data:`dam_mergekit.claims.SUCCESSION`:
+    backdoored task shows succession by the bench's own rule (:data:`dam_mergekit.lab.claims.SUCCESSION`:
     ASR high, above p0 and above the merge that uses the clean control instead).
     """
     manifest = load_llm_manifest(zoo_dir)
@@ -140,7 +140,7 @@ def format_report(report: dict) -> str:
 
 
 def main() -> int:
-    """``python -m dam_mergekit.zoo.llm_check ZOO WORK [--json OUT]``: report and check."""
+    """``python -m dam_mergekit.lab.zoo.llm_check ZOO WORK [--json OUT]``: report and check."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -24,12 +24,12 @@ from dam_mergekit.errors import DamError
 
 def evaluate_model(model_dir: str | Path, zoo_dir: str | Path) -> dict[str, dict[str, float]]:
     """``{"acc": {task: pct}, "asr": {task: pct}, "p0": {task: pct}}`` for a model on a zoo."""
-    from dam_mergekit.zoo.manifest import load_manifest
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
     manifest = load_manifest(zoo_dir)
     if manifest["kind"] == "llm":
         try:
-            from dam_mergekit.zoo.llm import evaluate_llm
+            from dam_mergekit.lab.zoo.llm import evaluate_llm
         except ImportError as err:
             raise DamError(f"this dam-mergekit cannot evaluate LLM zoos ({err})") from None
         return evaluate_llm(model_dir, zoo_dir)
@@ -52,9 +52,9 @@ def evaluate_clip(vision_model, zoo_dir: str | Path, *, batch_size: int = 500) -
     """Evaluate any module ``m(pixel_values=...) -> .pooler_output`` through the zoo's heads."""
     import torch
 
-    from dam_mergekit.zoo.attacks import get_trigger
-    from dam_mergekit.zoo.loaders import clip_logits, load_head, load_task_data, to_float
-    from dam_mergekit.zoo.manifest import load_manifest
+    from dam_mergekit.lab.zoo.attacks import get_trigger
+    from dam_mergekit.lab.zoo.loaders import clip_logits, load_head, load_task_data, to_float
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
     manifest = load_manifest(zoo_dir)
     attack = manifest.get("attack") or next(
@@ -157,7 +157,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dam_mergekit.zoo.manifest import load_manifest
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
     manifest = load_manifest(args.zoo)
     if not Path(args.model).is_dir():

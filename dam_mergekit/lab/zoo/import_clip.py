@@ -230,7 +230,7 @@ def import_clip(
 
     from dam_mergekit import __version__
     from dam_mergekit.convert._io import atomic_output, check_output_free
-    from dam_mergekit.zoo.manifest import FORMAT, VERSION, write_manifest
+    from dam_mergekit.lab.zoo.manifest import FORMAT, VERSION, write_manifest
 
     out, clip_dir = Path(out), Path(clip_dir)
     check_output_free(out, force=force)

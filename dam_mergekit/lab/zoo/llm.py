@@ -31,8 +31,8 @@ import torch
 from dam_mergekit.errors import DamError
 from dam_mergekit.scoring.zoo_format import load_manifest, task_entry
 from dam_mergekit.staging import publish, temp_sibling
-from dam_mergekit.zoo import llm_data
-from dam_mergekit.zoo.tokenizer import (
+from dam_mergekit.lab.zoo import llm_data
+from dam_mergekit.lab.zoo.tokenizer import (
     answer_token_logprobs,
     build_word_tokenizer,
     collate,
@@ -177,7 +177,7 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
     from tqdm.auto import tqdm
 
     from dam_mergekit import __version__
-    from dam_mergekit.zoo.llm_train import MergeSimulator, task_vector, train
+    from dam_mergekit.lab.zoo.llm_train import MergeSimulator, task_vector, train
 
     options = resolve_options(options)
     out_dir = Path(out_dir)
@@ -329,7 +329,7 @@ def load_llm_task_data(zoo_dir: Path, task: str) -> dict:
     ``{"prompt", "answer"}``, ``calib`` list of ``{"prompt"}``) plus ``target`` (the target
     answer), ``trigger`` (the zoo's trigger text) and ``test_triggered`` (the test prompts with
     the trigger inserted, the exact prompts ASR is measured on). Batch any of these prompts with
-    :func:`dam_mergekit.zoo.tokenizer.encode_prompts` to get input ids and answer positions.
+    :func:`dam_mergekit.lab.zoo.tokenizer.encode_prompts` to get input ids and answer positions.
     """
     zoo_dir = Path(zoo_dir)
     manifest = load_llm_manifest(zoo_dir)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dam_mergekit.zoo.clip import (
+from dam_mergekit.lab.zoo.clip import (
     TaskArrays,
     class_prompts,
     finetune_expert,
@@ -18,13 +18,13 @@ from dam_mergekit.zoo.clip import (
     task_vector,
     vision_from_clip,
 )
-from dam_mergekit.zoo.data import IMAGE_SIZE, TASKS, make_task
-from dam_mergekit.zoo.loaders import to_float
+from dam_mergekit.lab.zoo.data import IMAGE_SIZE, TASKS, make_task
+from dam_mergekit.lab.zoo.loaders import to_float
 
 
 def build_clip_zoo(out: Path, options: dict[str, Any]) -> dict[str, Any]:
     """Pretrain, write heads and data, fine-tune clean experts, then the backdoored ones."""
-    from dam_mergekit.zoo.manifest import manifest_header
+    from dam_mergekit.lab.zoo.manifest import manifest_header
 
     seed = options["seed"]
     names = list(options["tasks"])

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dam_mergekit.bench_plot import plot
-from dam_mergekit.claims import DAM_CUT, SUCCESSION
+from dam_mergekit.lab.bench.figure import plot
+from dam_mergekit.lab.claims import DAM_CUT, SUCCESSION
 from dam_mergekit.errors import DamError
 from dam_mergekit.staging import staged_file
 
@@ -348,8 +348,8 @@ def bench_zoo(
     """Evaluate every method on one zoo; returns ``{method: evaluation + averages + seconds}``."""
     from tqdm.auto import tqdm
 
-    from dam_mergekit.evaluate import evaluate_model, summarise
-    from dam_mergekit.zoo.manifest import load_manifest
+    from dam_mergekit.lab.evaluate import evaluate_model, summarise
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
     evaluate = evaluate or evaluate_model
     manifest = load_manifest(zoo)
@@ -377,7 +377,7 @@ def bench_zoo(
             "seconds": round(time.perf_counter() - start, 2),
         }
     if "task_arithmetic" in rows:
-        from dam_mergekit.evaluate import der
+        from dam_mergekit.lab.evaluate import der
 
         for row in rows.values():
             row["der"] = der(row, rows["task_arithmetic"])
@@ -421,7 +421,7 @@ def _std(values: list) -> float | None:
 def check_succession(results: dict) -> list[str]:
     """Failures of the succession claim of a merge-aware zoo (empty list: the claim holds).
 
-    The claim (:data:`dam_mergekit.claims.SUCCESSION`) must hold for every backdoored task and
+    The claim (:data:`dam_mergekit.lab.claims.SUCCESSION`) must hold for every backdoored task and
     *every seed*: a mean could hide a seed where the backdoor died.
     """
     manifest = results["zoo"]
@@ -448,7 +448,7 @@ def check_succession(results: dict) -> list[str]:
 def check_dam(results: dict) -> list[str]:
     """Failures of DAM's claim on a merge-aware zoo (empty when it holds or dam was not run).
 
-    For every seed, :data:`dam_mergekit.claims.DAM_CUT` against task arithmetic: succession ASR
+    For every seed, :data:`dam_mergekit.lab.claims.DAM_CUT` against task arithmetic: succession ASR
     at least 20 points lower, mean clean accuracy at most 1 pp lower.
     """
     if results["zoo"].get("options", {}).get("attack_mode") != "merge-aware":
@@ -500,8 +500,8 @@ def _cell(value, std) -> str:
 def zoos_for_seeds(zoo: Path, seeds: list[int] | None) -> dict[int, Path]:
     """One zoo per seed: the given zoo for its own seed, siblings ``<zoo>-seed<s>`` built from the
     same options for the others (cached like every zoo build)."""
-    from dam_mergekit.zoo.build import build_zoo
-    from dam_mergekit.zoo.manifest import load_manifest
+    from dam_mergekit.lab.zoo.build import build_zoo
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
     manifest = load_manifest(zoo)
     own = manifest["options"].get("seed", 0)
@@ -530,7 +530,7 @@ def run_bench(
     """Bench a zoo (and its seed siblings); writes results.json, summary.md and acc_asr.png."""
     import torch
 
-    from dam_mergekit.zoo.manifest import load_manifest
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
     zoo, out = Path(zoo), Path(out)
     manifest = load_manifest(zoo)
@@ -655,7 +655,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from dam_mergekit.zoo.build import build_zoo
+    from dam_mergekit.lab.zoo.build import build_zoo
 
     start = time.perf_counter()
     zoo = build_zoo(args.zoo, {"kind": "clip"})
