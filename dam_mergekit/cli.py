@@ -21,7 +21,7 @@ COMMAND_MODULES = (
     "dam_mergekit.calibrate.cli",
     "dam_mergekit.calibrate.estimate",
     "dam_mergekit.lab.evaluate",
-    "dam_mergekit.lab.bench",
+    "dam_mergekit.lab.bench.cli",
     "dam_mergekit.convert.cli",
     "dam_mergekit.secure",
 )

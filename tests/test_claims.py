@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from dam_mergekit.lab.claims import DAM_CUT, SUCCESSION
 from dam_mergekit.errors import DamError
+from dam_mergekit.lab.claims import DAM_CUT, SUCCESSION
 from dam_mergekit.lab.zoo.llm_check import check_succession
 
 

@@ -10,9 +10,9 @@ from zoo_fixtures import tiny_zoo  # noqa: F401
 from dam_mergekit.calibrate.adapters import make_adapter
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.evaluate import evaluate_clip, load_vision_model
-from dam_mergekit.scoring.zoo_format import load_manifest, read_calibration_manifest
 from dam_mergekit.lab.zoo import llm
 from dam_mergekit.lab.zoo.loaders import clip_logits, load_head, load_task_data
+from dam_mergekit.scoring.zoo_format import load_manifest, read_calibration_manifest
 
 CPU = torch.device("cpu")
 

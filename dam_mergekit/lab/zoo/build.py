@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dam_mergekit.errors import DamError
-from dam_mergekit.staging import publish, temp_sibling
 from dam_mergekit.lab.zoo.manifest import load_manifest, options_hash, write_manifest
+from dam_mergekit.staging import publish, temp_sibling
 
 LOG = logging.getLogger(__name__)
 

@@ -29,8 +29,6 @@ from pathlib import Path
 import torch
 
 from dam_mergekit.errors import DamError
-from dam_mergekit.scoring.zoo_format import load_manifest, task_entry
-from dam_mergekit.staging import publish, temp_sibling
 from dam_mergekit.lab.zoo import llm_data
 from dam_mergekit.lab.zoo.tokenizer import (
     answer_token_logprobs,
@@ -39,6 +37,8 @@ from dam_mergekit.lab.zoo.tokenizer import (
     encode_ids,
     encode_prompts,
 )
+from dam_mergekit.scoring.zoo_format import load_manifest, task_entry
+from dam_mergekit.staging import publish, temp_sibling
 
 DEFAULT_OPTIONS: dict = {
     "seed": 0,

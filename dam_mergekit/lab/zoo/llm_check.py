@@ -12,8 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
-from dam_mergekit.lab.claims import SUCCESSION, SuccessionRule
 from dam_mergekit.errors import DamError
+from dam_mergekit.lab.claims import SUCCESSION, SuccessionRule
 from dam_mergekit.lab.zoo.llm import evaluate_llm, load_llm_manifest
 
 DEFAULT_SETTINGS = ((0.3, 1.0), (0.5, 1.0), (1.0, 1.0), (1.0, None))  # weight None: 1/n each
