@@ -65,7 +65,7 @@ def llm_zoo() -> Path:
 
 def load_vision(model_dir: str | Path):
     """A ``CLIPVisionModel`` from a zoo model folder."""
-    from dam_mergekit.lab.evaluate import load_vision_model
+    from dam_mergekit.lab.zoo.clip_eval import load_vision_model
 
     return load_vision_model(model_dir)
 
@@ -119,7 +119,7 @@ def mean(values) -> float:
 def task_scores(model, zoo: Path, task: str) -> dict[str, float]:
     """ACC, ASR and p0 (percent) of a CLIP vision model on one task of a zoo.
 
-    The same definitions as ``dam_mergekit.lab.evaluate.evaluate_clip``, for one task only: sweeps
+    The same definitions as ``dam_mergekit.lab.zoo.clip_eval.evaluate_clip``, for one task only: sweeps
     over dozens of merges need only the backdoored task.
     """
     import torch

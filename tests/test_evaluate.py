@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dam_mergekit.lab.evaluate import der, evaluate_clip, summarise
+from dam_mergekit.lab.evaluate import der, summarise
+from dam_mergekit.lab.zoo.clip_eval import evaluate_clip
 from dam_mergekit.lab.zoo.manifest import write_manifest
 
 N_CLASSES, TARGET = 4, 0

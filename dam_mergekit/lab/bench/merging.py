@@ -13,6 +13,7 @@ def merge_recipe(recipe: dict, recipe_path: Path, out: Path, *, kind: str, seed:
     import yaml
     from mergekit.options import MergeOptions
 
+    from dam_mergekit.lab.kinds import zoo_kind
     from dam_mergekit.recipe.load import load_recipe
     from dam_mergekit.recipe.run import run_merge
 
@@ -21,7 +22,10 @@ def merge_recipe(recipe: dict, recipe_path: Path, out: Path, *, kind: str, seed:
     config = load_recipe(recipe_path)
     torch.manual_seed(seed)
     options = MergeOptions(
-        copy_tokenizer=(kind == "llm"), random_seed=seed, quiet=True, write_model_card=False
+        copy_tokenizer=zoo_kind(kind).copy_tokenizer,
+        random_seed=seed,
+        quiet=True,
+        write_model_card=False,
     )
     if out.exists():
         shutil.rmtree(out)

@@ -122,8 +122,9 @@ def _calibration_file(zoo: Path, manifest: dict, work: Path, name: str, settings
     import yaml
 
     from dam_mergekit.calibrate.config import default_calibration
+    from dam_mergekit.lab.kinds import zoo_kind
 
-    adapter = "clip" if manifest["kind"] == "clip" else "causal_lm"
+    adapter = zoo_kind(manifest["kind"]).adapter
     calibration = default_calibration(
         adapter, str(zoo.resolve()), **{"seed": _zoo_seed(manifest), **settings}
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from dam_mergekit.lab.zoo.build import CLIP_DEFAULTS
+from dam_mergekit.lab.kinds import KINDS
+from dam_mergekit.lab.zoo.clip_options import CLIP_DEFAULTS
 
 
 def add_parser(subparsers) -> None:
@@ -19,10 +20,9 @@ def add_parser(subparsers) -> None:
     )
     b.add_argument(
         "--kind",
-        choices=("clip", "llm"),
+        choices=tuple(KINDS),
         default="clip",
-        help="clip: small CLIP vision experts on image tasks (digits, shapes, ...); llm: small "
-        "causal LMs on generated text tasks (default clip)",
+        help="; ".join(f"{k.name}: {k.summary}" for k in KINDS.values()) + " (default clip)",
     )
     b.add_argument("--attack", help="trigger: badnets, blended or sig (default badnets)")
     b.add_argument(
