@@ -12,6 +12,7 @@ import time
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.bench.report import report
 from dam_mergekit.lab.bench.runner import run_bench
+from dam_mergekit.lab.claims import DAM_CUT
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -41,7 +42,8 @@ def add_parser(subparsers) -> None:
         "--check",
         action="store_true",
         help="exit 1 unless a merge-aware zoo shows succession under task arithmetic and, when "
-        "dam runs, dam cuts its ASR by >= 20 points at no more than 1 pp of accuracy",
+        f"dam runs, dam cuts its ASR by >= {DAM_CUT.asr_cut:g} points at no more than "
+        f"{DAM_CUT.acc_drop:g} pp of accuracy",
     )
     p.set_defaults(func=_run_bench)
 
