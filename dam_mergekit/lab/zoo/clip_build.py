@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,66 +20,23 @@ from dam_mergekit.lab.zoo.clip import (
     vision_from_clip,
 )
 from dam_mergekit.lab.zoo.data import IMAGE_SIZE, TASKS, make_task
-from dam_mergekit.lab.zoo.loaders import to_float
+from dam_mergekit.lab.zoo.loaders import ClipHead, to_float
 
 
 def build_clip_zoo(out: Path, options: dict[str, Any]) -> dict[str, Any]:
     """Pretrain, write heads and data, fine-tune clean experts, then the backdoored ones."""
     from dam_mergekit.lab.zoo.manifest import manifest_header
 
-    seed = options["seed"]
     names = list(options["tasks"])
     backdoored = set(names[: options["backdoored"]])
-    raw = {
-        n: make_task(
-            n,
-            seed,
-            n_train=options["n_train"],
-            n_test=options["n_test"],
-            n_calib=options["n_calib"],
-        )
-        for n in tqdm(names, desc="make data", leave=False)
-    }
-    (out / "data").mkdir()
-    for n, arrays in raw.items():
-        tensors = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}  # no shared views
-        save_file(tensors, str(out / "data" / f"{n}.safetensors"))
-    tasks = [
-        TaskArrays(
-            n,
-            class_prompts(n),
-            to_float(torch.from_numpy(raw[n]["train_x"])),
-            torch.from_numpy(raw[n]["train_y"]),
-        )
-        for n in names
-    ]
-    union = torch.cat([t.train_x for t in tasks])
-    normalize = {
-        "mean": [round(v, 4) for v in union.mean(dim=(0, 2, 3)).tolist()],
-        "std": [round(v, 4) for v in union.std(dim=(0, 2, 3)).tolist()],
-    }
-    del union
-
-    clip, tokenizer = pretrain_clip(tasks, options, normalize, seed)
+    tasks = _write_task_data(out, names, options)
+    normalize = _normalisation(tasks)
+    clip, tokenizer = pretrain_clip(tasks, options, normalize, options["seed"])
     clip.save_pretrained(out / "clip")
     tokenizer.save_pretrained(out / "clip")
     base = vision_from_clip(clip)
     base.save_pretrained(out / "base")
-
-    (out / "heads").mkdir()
-    heads = {}
-    for t in tasks:
-        head = make_head(clip, tokenizer, t)
-        heads[t.name] = head
-        save_file(
-            {
-                "projection": head.projection.contiguous(),
-                "classes": head.classes.contiguous(),
-                "logit_scale": head.logit_scale.contiguous(),
-            },
-            str(out / "heads" / f"{t.name}.safetensors"),
-        )
-
+    heads = _write_heads(out, clip, tokenizer, tasks)
     attack = {
         "name": options["attack"],
         "mode": options["attack_mode"],
@@ -86,47 +44,18 @@ def build_clip_zoo(out: Path, options: dict[str, Any]) -> dict[str, Any]:
         "target_class": options["target_class"],
         "poison_rate": options["poison_rate"],
     }
-    clean_vectors: dict[str, dict[str, torch.Tensor]] = {}
-    entries = []
+    experts = _Experts(out, base, heads, options, normalize, attack)
     bar = tqdm(total=len(names) + len(backdoored), desc="experts", leave=False)
+    clean_vectors = {}
     for i, t in enumerate(tasks):
-        expert = finetune_expert(
-            base, heads[t.name], t, options, normalize, seed * 1000 + i, desc=f"clean {t.name}"
-        )
-        clean_vectors[t.name] = task_vector(expert, base)
-        folder = "controls" if t.name in backdoored else "experts"
-        expert.save_pretrained(out / folder / t.name)
+        clean_vectors[t.name] = experts.clean(i, t, control=t.name in backdoored)
         bar.update()
+    entries = []
     for i, t in enumerate(tasks):
         if t.name in backdoored:
-            others = [v for n, v in clean_vectors.items() if n != t.name]
-            expert = finetune_expert(
-                base,
-                heads[t.name],
-                t,
-                options,
-                normalize,
-                seed * 1000 + i,
-                attack=attack,
-                other_task_vectors=others,
-                desc=f"backdoor {t.name}",
-            )
-            expert.save_pretrained(out / "experts" / t.name)
+            experts.backdoored(i, t, [v for n, v in clean_vectors.items() if n != t.name])
             bar.update()
-        entries.append(
-            {
-                "name": t.name,
-                "classes": list(TASKS[t.name].classes),
-                "prompts": t.prompts,
-                "target_class": options["target_class"],
-                "expert": f"experts/{t.name}",
-                "control": f"controls/{t.name}" if t.name in backdoored else None,
-                "backdoored": t.name in backdoored,
-                "attack": dict(attack) if t.name in backdoored else None,
-                "head": f"heads/{t.name}.safetensors",
-                "data": f"data/{t.name}.safetensors",
-            }
-        )
+        entries.append(_task_entry(t, options, attack if t.name in backdoored else None))
     bar.close()
     manifest = manifest_header("clip", options)
     manifest.update(
@@ -140,3 +69,110 @@ def build_clip_zoo(out: Path, options: dict[str, Any]) -> dict[str, Any]:
         }
     )
     return manifest
+
+
+def _write_task_data(out: Path, names: list[str], options: dict[str, Any]) -> list[TaskArrays]:
+    """Every task's generated images, written to ``data/<task>.safetensors``; the train splits."""
+    raw = {
+        n: make_task(
+            n,
+            options["seed"],
+            n_train=options["n_train"],
+            n_test=options["n_test"],
+            n_calib=options["n_calib"],
+        )
+        for n in tqdm(names, desc="make data", leave=False)
+    }
+    (out / "data").mkdir()
+    for n, arrays in raw.items():
+        tensors = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}  # no shared views
+        save_file(tensors, str(out / "data" / f"{n}.safetensors"))
+    return [
+        TaskArrays(
+            n,
+            class_prompts(n),
+            to_float(torch.from_numpy(raw[n]["train_x"])),
+            torch.from_numpy(raw[n]["train_y"]),
+        )
+        for n in names
+    ]
+
+
+def _normalisation(tasks: list[TaskArrays]) -> dict[str, list[float]]:
+    """Per-channel mean and std of the union of the train splits (4 decimals, as stored)."""
+    union = torch.cat([t.train_x for t in tasks])
+    return {
+        "mean": [round(v, 4) for v in union.mean(dim=(0, 2, 3)).tolist()],
+        "std": [round(v, 4) for v in union.std(dim=(0, 2, 3)).tolist()],
+    }
+
+
+def _write_heads(out: Path, clip, tokenizer, tasks: list[TaskArrays]) -> dict[str, ClipHead]:
+    """Every task's zero-shot head from the pretrained text tower, to ``heads/<task>.safetensors``."""
+    (out / "heads").mkdir()
+    heads = {}
+    for t in tasks:
+        head = make_head(clip, tokenizer, t)
+        heads[t.name] = head
+        save_file(
+            {
+                "projection": head.projection.contiguous(),
+                "classes": head.classes.contiguous(),
+                "logit_scale": head.logit_scale.contiguous(),
+            },
+            str(out / "heads" / f"{t.name}.safetensors"),
+        )
+    return heads
+
+
+@dataclass
+class _Experts:
+    """Fine-tuning the zoo's experts from its base through their task's frozen head; the ``i``-th
+    task's clean and backdoored experts both train with seed ``seed * 1000 + i``."""
+
+    out: Path
+    base: Any
+    heads: dict[str, ClipHead]
+    options: dict[str, Any]
+    normalize: dict[str, list[float]]
+    attack: dict[str, Any]
+
+    def clean(self, i: int, task: TaskArrays, *, control: bool) -> dict[str, torch.Tensor]:
+        """The clean expert of a task (the control of a backdoored one); its task vector."""
+        expert = self._finetune(i, task, desc=f"clean {task.name}")
+        vector = task_vector(expert, self.base)
+        expert.save_pretrained(self.out / ("controls" if control else "experts") / task.name)
+        return vector
+
+    def backdoored(self, i: int, task: TaskArrays, others: list[dict[str, torch.Tensor]]) -> None:
+        """The poisoned expert of a task, trained against the ``others`` clean task vectors."""
+        expert = self._finetune(
+            i,
+            task,
+            attack=self.attack,
+            other_task_vectors=others,
+            desc=f"backdoor {task.name}",
+        )
+        expert.save_pretrained(self.out / "experts" / task.name)
+
+    def _finetune(self, i: int, task: TaskArrays, **kwargs: Any):
+        seed = self.options["seed"] * 1000 + i
+        return finetune_expert(
+            self.base, self.heads[task.name], task, self.options, self.normalize, seed, **kwargs
+        )
+
+
+def _task_entry(task: TaskArrays, options: dict[str, Any], attack: dict | None) -> dict[str, Any]:
+    """The task's zoo.json entry; ``attack`` is None for a task whose expert is clean."""
+    return {
+        "name": task.name,
+        "classes": list(TASKS[task.name].classes),
+        "prompts": task.prompts,
+        "target_class": options["target_class"],
+        "expert": f"experts/{task.name}",
+        "control": f"controls/{task.name}" if attack else None,
+        "backdoored": attack is not None,
+        "attack": dict(attack) if attack else None,
+        "head": f"heads/{task.name}.safetensors",
+        "data": f"data/{task.name}.safetensors",
+    }
