@@ -85,12 +85,21 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_file(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write; renamed onto ``path`` only if the block succeeds."""
-    tmp = temp_sibling(path)
+def staged_file(path: Path, *, is_dir: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``path`` (a folder with ``is_dir``) to fill; renamed onto ``path``
+    only if the block succeeds, removed if it fails."""
+    tmp = temp_sibling(path, is_dir=is_dir)
     try:
         yield tmp
         publish(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if is_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def staged_dir(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """:func:`staged_file` for a folder: an interrupted writer leaves no half folder at ``path``."""
+    return staged_file(path, is_dir=True)

@@ -8,6 +8,7 @@ or scorer when it runs, so ``dam-mergekit --help`` stays quick.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,13 +43,18 @@ class ZooKind(Protocol):
         ...
 
 
-class ClipKind:
-    """Small CLIP vision experts on image tasks, scored through zero-shot heads."""
+@dataclass(frozen=True)
+class _Facts:
+    """The data half of a :class:`ZooKind` (the operations are its subclasses')."""
 
-    name = "clip"
-    summary = "small CLIP vision experts on image tasks (digits, shapes, ...)"
-    adapter = "clip"
-    copy_tokenizer = False
+    name: str
+    summary: str
+    adapter: str
+    copy_tokenizer: bool
+
+
+class ClipKind(_Facts):
+    """Small CLIP vision experts on image tasks, scored through zero-shot heads."""
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         from dam_mergekit.lab.zoo.clip_options import resolve_clip_options
@@ -66,13 +72,8 @@ class ClipKind:
         return evaluate_clip(load_vision_model(model_dir), zoo_dir)
 
 
-class LlmKind:
+class LlmKind(_Facts):
     """Small causal LMs on generated text tasks, scored by closed-set answer likelihood."""
-
-    name = "llm"
-    summary = "small causal LMs on generated text tasks"
-    adapter = "causal_lm"
-    copy_tokenizer = True
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         # only unset options dropped: the LLM builder fills its defaults (the cache key is of these)
@@ -91,7 +92,16 @@ class LlmKind:
         return evaluate_llm(model_dir, zoo_dir)
 
 
-KINDS: dict[str, ZooKind] = {kind.name: kind for kind in (ClipKind(), LlmKind())}
+CLIP = ClipKind(
+    "clip",
+    "small CLIP vision experts on image tasks (digits, shapes, ...)",
+    adapter="clip",
+    copy_tokenizer=False,
+)
+LLM = LlmKind(
+    "llm", "small causal LMs on generated text tasks", adapter="causal_lm", copy_tokenizer=True
+)
+KINDS: dict[str, ZooKind] = {kind.name: kind for kind in (CLIP, LLM)}
 
 
 def zoo_kind(name: str) -> ZooKind:

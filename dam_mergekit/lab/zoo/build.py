@@ -8,13 +8,12 @@ existing ``zoo.json`` and returns at once.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.zoo.manifest import load_manifest, options_hash, write_manifest
-from dam_mergekit.staging import publish, temp_sibling
+from dam_mergekit.staging import staged_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -44,13 +43,8 @@ def build_zoo(out_dir: str | Path, options: dict[str, Any] | None = None, *, for
                 return out
         if any(out.iterdir()) and not (out / "zoo.json").is_file():
             raise DamError(f"{out}: exists and is not a zoo; choose another --out or remove it")
-    tmp = temp_sibling(out, is_dir=True)
-    try:
+    with staged_dir(out) as tmp:
         manifest = zoo_kind(options["kind"]).build(tmp, options)
         manifest["options_hash"] = digest
         write_manifest(tmp, manifest)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from dam_mergekit.lab.zoo.tokenizer import (
     encode_prompts,
 )
 from dam_mergekit.scoring.zoo_format import load_manifest, task_entry
-from dam_mergekit.staging import publish, temp_sibling
+from dam_mergekit.staging import staged_dir
 
 DEFAULT_OPTIONS: dict = {
     "seed": 0,
@@ -181,13 +180,8 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "zoo.json").is_file():
         raise DamError(f"{out_dir} exists and is not a zoo; choose an empty or new folder")
-    tmp = temp_sibling(out_dir, is_dir=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         _write_llm_zoo(tmp, options)
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
