@@ -5,7 +5,7 @@
 For every calibration seed: task arithmetic (lambda 0.3, the same merge formula with all-ones masks)
 and DAM (calibrated from ``--calibration``, the merged model computed in memory; the calibration
 tests prove it equals what mergekit writes from the mask file) are evaluated with
-``dam_mergekit.evaluate.evaluate_clip`` on the zoo's test split. The zoo is only read.
+``dam_mergekit.lab.zoo.clip_eval.evaluate_clip`` on the zoo's test split. The zoo is only read.
 
 The script states the targets (DAM succession ASR <= TA's / 3, mean ACC >= TA's - 1 pp, DAM never
 above TA on any backdoored task's ASR) and exits with status 1 when one is missed.
@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     from dam_mergekit.recipe.plan import plan_recipe
 
     try:  # the lab's evaluation (ACC / ASR / p0 through the zoo's heads and trigger)
-        evaluate_clip = import_module("dam_mergekit.evaluate").evaluate_clip
+        evaluate_clip = import_module("dam_mergekit.lab.zoo.clip_eval").evaluate_clip
     except ImportError as err:
-        raise SystemExit(f"needs dam_mergekit.evaluate (the backdoor lab): {err}") from None
+        raise SystemExit(f"needs dam_mergekit.lab (the backdoor lab): {err}") from None
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", default=".cache/zoo/clip-default")

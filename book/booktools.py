@@ -51,21 +51,21 @@ def setup(threads: int | None = None) -> None:
 
 def clip_zoo() -> Path:
     """The default CLIP zoo (built on first use, then cached), exactly as ``make demo`` builds it."""
-    from dam_mergekit.zoo import build_zoo
+    from dam_mergekit.lab.zoo import build_zoo
 
     return Path(build_zoo(CLIP_ZOO, {"kind": "clip"}))
 
 
 def llm_zoo() -> Path:
     """The default LLM zoo (built on first use, then cached)."""
-    from dam_mergekit.zoo import build_zoo
+    from dam_mergekit.lab.zoo import build_zoo
 
     return Path(build_zoo(LLM_ZOO, {"kind": "llm"}))
 
 
 def load_vision(model_dir: str | Path):
     """A ``CLIPVisionModel`` from a zoo model folder."""
-    from dam_mergekit.evaluate import load_vision_model
+    from dam_mergekit.lab.zoo.clip_eval import load_vision_model
 
     return load_vision_model(model_dir)
 
@@ -119,14 +119,14 @@ def mean(values) -> float:
 def task_scores(model, zoo: Path, task: str) -> dict[str, float]:
     """ACC, ASR and p0 (percent) of a CLIP vision model on one task of a zoo.
 
-    The same definitions as ``dam_mergekit.evaluate.evaluate_clip``, for one task only: sweeps
+    The same definitions as ``dam_mergekit.lab.zoo.clip_eval.evaluate_clip``, for one task only: sweeps
     over dozens of merges need only the backdoored task.
     """
     import torch
 
-    from dam_mergekit.zoo import load_head, load_manifest, load_task_data
-    from dam_mergekit.zoo.attacks import get_trigger
-    from dam_mergekit.zoo.loaders import clip_logits, to_float
+    from dam_mergekit.lab.zoo import load_head, load_manifest, load_task_data
+    from dam_mergekit.lab.zoo.attacks import get_trigger
+    from dam_mergekit.lab.zoo.loaders import clip_logits, to_float
 
     manifest = load_manifest(zoo)
     entry = next(t for t in manifest["tasks"] if t["name"] == task)

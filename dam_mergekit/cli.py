@@ -16,12 +16,12 @@ from dam_mergekit import __version__
 
 # Stage modules that contribute subcommands, in the order of the data path.
 COMMAND_MODULES = (
-    "dam_mergekit.zoo.cli",
+    "dam_mergekit.lab.zoo.cli",
     "dam_mergekit.masks.cli",
     "dam_mergekit.calibrate.cli",
     "dam_mergekit.calibrate.estimate",
-    "dam_mergekit.evaluate",
-    "dam_mergekit.bench",
+    "dam_mergekit.lab.evaluate",
+    "dam_mergekit.lab.bench.cli",
     "dam_mergekit.convert.cli",
     "dam_mergekit.secure",
 )

@@ -101,23 +101,33 @@ def publish_into(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_files(*paths: Path) -> Iterator[list[Path]]:
-    """Temporary siblings of ``paths`` to write; all renamed into place only if the block
-    succeeds (otherwise none is), so files that belong together are published together."""
+def staged_files(*paths: Path, is_dir: bool = False) -> Iterator[list[Path]]:
+    """Temporary siblings of ``paths`` to fill; all renamed into place only if the block
+    succeeds (otherwise none is, and the siblings are removed), so outputs that belong together
+    are published together."""
     temps: list[Path] = []
     try:
-        temps.extend(temp_sibling(Path(p)) for p in paths)
+        temps.extend(temp_sibling(Path(p), is_dir=is_dir) for p in paths)
         yield temps
         for tmp, path in zip(temps, paths, strict=True):
             publish(tmp, Path(path))
     except BaseException:
         for tmp in temps:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         raise
 
 
 @contextlib.contextmanager
-def staged_file(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write; renamed onto ``path`` only if the block succeeds."""
-    with staged_files(path) as (tmp,):
+def staged_file(path: Path, *, is_dir: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``path`` (a folder with ``is_dir``) to fill; renamed onto ``path``
+    only if the block succeeds, removed if it fails."""
+    with staged_files(path, is_dir=is_dir) as (tmp,):
         yield tmp
+
+
+def staged_dir(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """:func:`staged_file` for a folder: an interrupted writer leaves no half folder at ``path``."""
+    return staged_file(path, is_dir=True)

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from zoo_fixtures import tiny_zoo  # noqa: F401
 
-from dam_mergekit.bench import check_dam, check_succession, report, run_bench
 from dam_mergekit.errors import DamError
+from dam_mergekit.lab.bench import check_dam, check_succession, report, run_bench
 
 QUICK = {"steps": 3, "final_steps": 1, "batch_size": 4}
 FIGURES = ("acc_avg", "asr_succession_avg", "asr_transfer_avg", "seconds")
@@ -144,17 +144,25 @@ def test_check_dam(dam_asr, dam_acc, ok, capsys):
     assert check_dam(results) == []  # nothing to check when dam was not run
 
 
-def test_a_registered_defense_joins_the_bench_under_its_own_name(tiny_zoo):  # noqa: F811
-    from dam_mergekit import bench
-    from dam_mergekit.bench_plot import method_groups
-    from dam_mergekit.zoo.manifest import load_manifest
+def test_a_registered_defense_joins_the_bench_under_its_own_name(tiny_zoo, tmp_path):  # noqa: F811
+    """docs/lab.md's example: a builder registered under a free name is merged and scored."""
+    from dam_mergekit.lab import bench
+    from dam_mergekit.lab.bench.figure import method_groups
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
-    with pytest.raises(DamError, match="'dam' is already registered"):
-        bench.register_method("dam", bench.task_arithmetic_recipe)
+    for taken in ("dam", "task_arithmetic", "pretrained", "expert:digits"):
+        with pytest.raises(DamError, match=f"'{taken}' is already registered"):
+            bench.register_method(taken, bench.task_arithmetic_recipe)
+    with pytest.raises(DamError, match="not added by register_method"):
+        bench.unregister_method("ties")
     bench.register_method("my_defense", bench.task_arithmetic_recipe)
     try:
         names = [m.name for m in bench.methods_for(load_manifest(tiny_zoo))]
         assert "my_defense" in names
         assert "my_defense" in dict(method_groups(names))["defenses"]
+        rows = bench.bench_zoo(tiny_zoo, tmp_path, seed=0, only=["task_arithmetic", "my_defense"])
+        assert rows["my_defense"]["acc"] == rows["task_arithmetic"]["acc"]
+        assert (tmp_path / "recipes" / "seed0" / "my_defense.yml").is_file()
     finally:
-        del bench._MERGES["my_defense"]
+        bench.unregister_method("my_defense")
+    assert "my_defense" not in [m.name for m in bench.methods_for(load_manifest(tiny_zoo))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib
 
-from dam_mergekit.bench_plot import best_undefended, draw, method_groups, plot
+from dam_mergekit.lab.bench.figure import best_undefended, draw, method_groups, plot
 
 NAMES = [
     "pretrained",

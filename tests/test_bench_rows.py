@@ -12,8 +12,8 @@ import torch
 import yaml
 from _calib_fixtures import write_clip_zoo, write_llm_zoo
 
-from dam_mergekit.bench import run_bench
 from dam_mergekit.calibrate.models import load_tensors
+from dam_mergekit.lab.bench import run_bench
 from dam_mergekit.masks import MaskFile
 
 # low initial logits and a large mask step, so that a few steps already drop mask entries
@@ -121,8 +121,8 @@ def test_dam_coefficients_row_is_task_arithmetic_with_dams_coefficients(zoo, tmp
 
 def test_learned_coefficients_refuses_a_file_calibration_did_not_write(tmp_path):
     """Only a mode-dam calibration says which rescaling is folded into its coefficients."""
-    from dam_mergekit.bench import learned_coefficients
     from dam_mergekit.errors import DamError
+    from dam_mergekit.lab.bench import learned_coefficients
     from dam_mergekit.masks import MaskSet, ModelRecord, write_mask_file
 
     path = write_mask_file(

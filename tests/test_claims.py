@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dam_mergekit.claims import DAM_CUT, SUCCESSION
 from dam_mergekit.errors import DamError
-from dam_mergekit.zoo.llm_check import check_succession
+from dam_mergekit.lab.claims import DAM_CUT, EXPERTS, SUCCESSION, TRANSFER
+from dam_mergekit.lab.zoo.llm_check import check_succession
 
 
 @pytest.mark.parametrize(
@@ -30,6 +30,20 @@ def test_succession_rule(asr, p0, control, holds):
 )
 def test_defense_rule(asr, acc, holds):
     assert (DAM_CUT.missed(asr, acc, undefended_asr=60, undefended_acc=80) is None) is holds
+
+
+@pytest.mark.parametrize(
+    "asr, p0, shows", [(30, 20, True), (29.9, 20, False), (5, 10, False), (100, 0, True)]
+)
+def test_transfer_rule(asr, p0, shows):
+    """Transfer: the trigger adds 10 points or more over p0 on a clean task (book chapter 3)."""
+    assert (TRANSFER.missed(asr, p0) is None) is shows
+
+
+def test_expert_rule():
+    assert EXPERTS.learned(70, 50) and not EXPERTS.learned(69.9, 50)
+    assert EXPERTS.planted(90) and not EXPERTS.planted(89.9)
+    assert EXPERTS.like_control(80, 85) and not EXPERTS.like_control(80, 85.1)
 
 
 def _llm_zoo_manifest(tmp_path):

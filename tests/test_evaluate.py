@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dam_mergekit.evaluate import der, evaluate_clip, summarise
-from dam_mergekit.zoo.manifest import write_manifest
+from dam_mergekit.lab.evaluate import der, summarise
+from dam_mergekit.lab.zoo.clip_eval import evaluate_clip
+from dam_mergekit.lab.zoo.manifest import write_manifest
 
 N_CLASSES, TARGET = 4, 0
 
@@ -122,7 +123,7 @@ def test_constant_model(tmp_path, k):
 
 def test_summarise_splits_succession_and_transfer(tmp_path):
     make_fake_zoo(tmp_path)
-    from dam_mergekit.zoo.manifest import load_manifest
+    from dam_mergekit.lab.zoo.manifest import load_manifest
 
     result = {
         "acc": {"a": 80.0, "b": 60.0},

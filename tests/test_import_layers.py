@@ -1,8 +1,10 @@
-"""The package's modules import each other without cycles, deferred imports included.
+"""The package's modules import each other without cycles, and the product never imports the lab.
 
 A cycle means two stages each need the other: the mask registry asking the recipe planner, a
 trainer importing its own subclass. Every import statement counts, also those inside functions
-(they only postpone the cycle to run time).
+(they only postpone the cycle to run time). The lab (``dam_mergekit.lab``: zoos, evaluation,
+bench, claims) builds on the product; the product works without it, so no module outside the lab
+imports it, except ``dam_mergekit.cli``, which lists the lab's subcommands.
 """
 
 from __future__ import annotations
@@ -79,3 +81,23 @@ def test_the_package_has_no_import_cycles():
     graph = import_graph()
     assert "dam_mergekit.model_files" in graph["dam_mergekit.masks.registry"]  # edges are read
     assert cycles(graph) == []
+
+
+LAB = "dam_mergekit.lab"
+# the one product module that may name the lab: the CLI lists every subcommand module
+MAY_IMPORT_THE_LAB = {"dam_mergekit.cli"}
+
+
+def _in_lab(module: str) -> bool:
+    return module == LAB or module.startswith(LAB + ".")
+
+
+def test_the_product_does_not_import_the_lab():
+    graph = import_graph()
+    assert "dam_mergekit.lab.kinds" in graph["dam_mergekit.lab.zoo.build"]  # lab edges are read
+    offenders = {
+        module: sorted(t for t in targets if _in_lab(t))
+        for module, targets in graph.items()
+        if not _in_lab(module) and module not in MAY_IMPORT_THE_LAB
+    }
+    assert {m: t for m, t in offenders.items() if t} == {}

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from dam_mergekit.errors import DamError
-from dam_mergekit.zoo import llm, llm_data
-from dam_mergekit.zoo.tokenizer import (
+from dam_mergekit.lab.zoo import llm, llm_data
+from dam_mergekit.lab.zoo.tokenizer import (
     answer_first_token_ids,
     build_word_tokenizer,
     encode_prompts,
@@ -251,7 +251,7 @@ def test_same_seed_gives_the_same_zoo(tiny_zoo, tmp_path):
 def test_experts_load_and_merge_with_mergekit(tiny_zoo, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from dam_mergekit.zoo.llm_check import task_arithmetic_merge
+    from dam_mergekit.lab.zoo.llm_check import task_arithmetic_merge
 
     model = AutoModelForCausalLM.from_pretrained(tiny_zoo / "experts/sentiment")
     assert isinstance(model, LlamaForCausalLM)

@@ -170,7 +170,7 @@ def _tiny_clip(out: Path, seed: int = 0):
     """A tiny full CLIPModel with a word-level tokenizer, saved like a hub download."""
     from transformers import CLIPConfig, CLIPModel
 
-    from dam_mergekit.zoo.clip import build_tokenizer
+    from dam_mergekit.lab.zoo.clip import build_tokenizer
 
     torch.manual_seed(seed)
     words = "a photo of the digit car scene texture sign house zero one two three".split()

@@ -9,10 +9,10 @@ from zoo_fixtures import tiny_zoo  # noqa: F401
 
 from dam_mergekit.calibrate.adapters import make_adapter
 from dam_mergekit.errors import DamError
-from dam_mergekit.evaluate import evaluate_clip, load_vision_model
+from dam_mergekit.lab.zoo import llm
+from dam_mergekit.lab.zoo.clip_eval import evaluate_clip, load_vision_model
+from dam_mergekit.lab.zoo.loaders import clip_logits, load_head, load_task_data
 from dam_mergekit.scoring.zoo_format import load_manifest, read_calibration_manifest
-from dam_mergekit.zoo import llm
-from dam_mergekit.zoo.loaders import clip_logits, load_head, load_task_data
 
 CPU = torch.device("cpu")
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from dam_mergekit.zoo.attacks import badnets, blend_pattern, blended, get_trigger, sig
+from dam_mergekit.lab.zoo.attacks import badnets, blend_pattern, blended, get_trigger, sig
 
 
 def _batch():

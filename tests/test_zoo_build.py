@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 from zoo_fixtures import TINY, tiny_zoo  # noqa: F401
 
 from dam_mergekit.errors import DamError
-from dam_mergekit.zoo.build import build_zoo
-from dam_mergekit.zoo.loaders import clip_logits, load_head, load_task_data, to_float
-from dam_mergekit.zoo.manifest import load_manifest
+from dam_mergekit.lab.zoo.build import build_zoo
+from dam_mergekit.lab.zoo.loaders import clip_logits, load_head, load_task_data, to_float
+from dam_mergekit.lab.zoo.manifest import load_manifest
 
 
 def _tensors(zoo):
@@ -45,7 +45,7 @@ def test_head_reproduces_full_clip_logits(tiny_zoo):  # noqa: F811
     base = CLIPVisionModel.from_pretrained(str(tiny_zoo / "base")).eval()
     task = m["tasks"][1]
     x = to_float(load_task_data(tiny_zoo, task["name"])["test_x"][:8])
-    from dam_mergekit.zoo.loaders import normalize_pixels
+    from dam_mergekit.lab.zoo.loaders import normalize_pixels
 
     batch = tok(task["prompts"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_bad_options_refused_before_writing(tmp_path):
 
 
 def test_poison_split_leaves_target_out():
-    from dam_mergekit.zoo.clip import poison_split
+    from dam_mergekit.lab.zoo.clip import poison_split
 
     y = torch.tensor([0, 1, 2, 3] * 25)
     idx = poison_split(y, 0, 0.1, seed=0)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dam_mergekit.zoo.data import TASKS, make_task
+from dam_mergekit.lab.zoo.data import TASKS, make_task
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dam_mergekit.errors import DamError
-from dam_mergekit.zoo.manifest import load_manifest, options_hash, write_manifest
+from dam_mergekit.lab.zoo.manifest import load_manifest, options_hash, write_manifest
 
 
 def _manifest():

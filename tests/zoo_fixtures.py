@@ -23,7 +23,7 @@ def tiny_zoo(tmp_path_factory):
     """A tiny merge-aware BadNets CLIP zoo (4 tasks, digits backdoored)."""
     import torch
 
-    from dam_mergekit.zoo.build import build_zoo
+    from dam_mergekit.lab.zoo.build import build_zoo
 
     torch.set_num_threads(1)
     return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", TINY)

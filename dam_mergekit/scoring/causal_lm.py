@@ -2,7 +2,7 @@
 
 For a prompt and its task's answers, the score of an answer is
 ``sum log p(answer tokens | <s> prompt)``; the predicted answer is the best score. Evaluation
-(``dam_mergekit.zoo.llm.score_answers``), the zoo's training loss and the calibration adapter all
+(``dam_mergekit.lab.zoo.llm.score_answers``), the zoo's training loss and the calibration adapter all
 batch with :func:`encode_ids` / :func:`collate` and score with :func:`answer_token_logprobs`.
 
 A trainer gets, for a batch of prompts (and optionally answers), the input ids and the position

@@ -2,7 +2,7 @@
 
 The layout is documented in docs/zoo-format.md. Reading checks the fields every consumer relies
 on, so a hand-made zoo of real checkpoints fails with one clear line instead of a KeyError deep
-inside an evaluation. Writing zoos is the lab's business (``dam_mergekit.zoo.manifest``).
+inside an evaluation. Writing zoos is the lab's business (``dam_mergekit.lab.zoo.manifest``).
 """
 
 from __future__ import annotations

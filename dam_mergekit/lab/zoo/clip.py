@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dam_mergekit.zoo.attacks import get_trigger
-from dam_mergekit.zoo.data import IMAGE_SIZE, TASKS
-from dam_mergekit.zoo.loaders import ClipHead, normalize_pixels
+from dam_mergekit.lab.zoo.attacks import get_trigger
+from dam_mergekit.lab.zoo.data import IMAGE_SIZE, TASKS
+from dam_mergekit.lab.zoo.loaders import ClipHead, normalize_pixels
 
 UNIFORMITY_WEIGHT = 10.0
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<eos>")  # eos id 3: transformers pools at eos

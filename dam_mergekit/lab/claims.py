@@ -1,4 +1,5 @@
-"""The lab's claims, stated once for CLIP and LLM zoos alike: succession and DAM's cut.
+"""The lab's claims, stated once for CLIP and LLM zoos alike: succession, transfer, DAM's cut,
+and what a zoo's experts must show.
 
 A claim is a rule on evaluation numbers (in %) that returns what it missed, or None when it
 holds. The bench's ``--check`` (and so ``make demo``), the LLM zoo's check and the book all apply
@@ -36,6 +37,39 @@ class SuccessionRule:
 
 
 @dataclass(frozen=True)
+class TransferRule:
+    """A backdoor transfers: on a task whose expert was clean, the trigger raises the ASR more than
+    ``over_p0`` points over p0 (the share of the same inputs that land on the target untriggered)."""
+
+    over_p0: float = 10.0
+
+    def missed(self, asr: float, p0: float) -> str | None:
+        if asr - p0 >= self.over_p0:
+            return None
+        return f"ASR {asr:.1f} - p0 {p0:.1f} misses ASR - p0 >= {self.over_p0:g}"
+
+
+@dataclass(frozen=True)
+class ExpertRule:
+    """A zoo's experts are what it says they are: each beats the base on its own task by
+    ``over_base`` points of ACC or more; a backdoored one answers its trigger (ASR >=
+    ``min_asr``) at a clean ACC within ``control_gap`` points of its clean control."""
+
+    over_base: float = 20.0
+    min_asr: float = 90.0
+    control_gap: float = 5.0
+
+    def learned(self, acc: float, base_acc: float) -> bool:
+        return acc >= base_acc + self.over_base
+
+    def planted(self, asr: float) -> bool:
+        return asr >= self.min_asr
+
+    def like_control(self, acc: float, control_acc: float) -> bool:
+        return abs(acc - control_acc) <= self.control_gap
+
+
+@dataclass(frozen=True)
 class DefenseRule:
     """A defense removes succession at almost no cost: against the undefended merge, the
     succession ASR falls by ``asr_cut`` points or more and mean accuracy drops ``acc_drop`` at most."""
@@ -56,4 +90,6 @@ class DefenseRule:
 
 
 SUCCESSION = SuccessionRule()
+TRANSFER = TransferRule()
 DAM_CUT = DefenseRule()
+EXPERTS = ExpertRule()

@@ -228,12 +228,40 @@ def import_clip(
     """Write a calibration-only CLIP zoo at ``out``; every input is checked before writing."""
     from safetensors.torch import save_file
 
-    from dam_mergekit import __version__
     from dam_mergekit.convert._io import atomic_output, check_output_free
-    from dam_mergekit.zoo.manifest import FORMAT, VERSION, write_manifest
+    from dam_mergekit.lab.zoo.manifest import write_manifest
 
     out, clip_dir = Path(out), Path(clip_dir)
     check_output_free(out, force=force)
+    _check_sources(tasks, templates, max_images)
+    classes = {t.name: read_class_names(t.classes) for t in tasks}
+    dev = torch.device(device)
+    size = image_size or _vision_image_size(clip_dir)
+    images = {t.name: load_images(t.images, size, max_images, seed) for t in tasks}
+    clip, tokenizer = load_clip(clip_dir, dev)
+    heads = {
+        t.name: zero_shot_head(clip, tokenizer, classes[t.name], templates, dev) for t in tasks
+    }
+    options = {
+        "source": "zoo import-clip",
+        "clip": str(clip_dir),
+        "templates": list(templates),
+        "max_images": max_images,
+        "seed": seed,
+    }
+    manifest = _calibration_manifest(tasks, classes, options, _normalisation(clip_dir), size)
+    with atomic_output(out, force=force) as tmp:
+        (tmp / "data").mkdir()
+        (tmp / "heads").mkdir()
+        for t in tasks:
+            save_file({"calib_x": images[t.name]}, str(tmp / "data" / f"{t.name}.safetensors"))
+            save_file(heads[t.name], str(tmp / "heads" / f"{t.name}.safetensors"))
+        write_manifest(tmp, manifest)
+    return out
+
+
+def _check_sources(tasks: Sequence[TaskSource], templates: Sequence[str], max_images: int) -> None:
+    """Refuse bad task names, templates and image counts, and missing images, before any work."""
     if not tasks:
         raise DamError("give at least one --task NAME IMAGES CLASSES")
     names = [t.name for t in tasks]
@@ -249,26 +277,25 @@ def import_clip(
     for task in tasks:
         if not task.images.exists():
             raise DamError(f"{task.images}: images of task {task.name!r} not found")
-    classes = {t.name: read_class_names(t.classes) for t in tasks}
-    dev = torch.device(device)
-    size = image_size or _vision_image_size(clip_dir)
-    images = {t.name: load_images(t.images, size, max_images, seed) for t in tasks}
-    clip, tokenizer = load_clip(clip_dir, dev)
-    heads = {
-        t.name: zero_shot_head(clip, tokenizer, classes[t.name], templates, dev) for t in tasks
-    }
-    manifest: dict[str, Any] = {
+
+
+def _calibration_manifest(
+    tasks: Sequence[TaskSource],
+    classes: dict[str, list[str]],
+    options: dict[str, Any],
+    normalize: dict[str, list[float]],
+    image_size: int,
+) -> dict[str, Any]:
+    """zoo.json of a calibration-only zoo: no models (the recipe names base and experts)."""
+    from dam_mergekit import __version__
+    from dam_mergekit.lab.zoo.manifest import FORMAT, VERSION
+
+    return {
         "format": FORMAT,
         "version": VERSION,
         "kind": "clip",
         "calibration_only": True,  # no models: the recipe names base and experts
-        "options": {
-            "source": "zoo import-clip",
-            "clip": str(clip_dir),
-            "templates": list(templates),
-            "max_images": max_images,
-            "seed": seed,
-        },
+        "options": options,
         "base": None,
         "tasks": [
             {
@@ -285,15 +312,7 @@ def import_clip(
             }
             for t in tasks
         ],
-        "normalize": _normalisation(clip_dir),
-        "image_size": size,
+        "normalize": normalize,
+        "image_size": image_size,
         "created_by": f"dam-mergekit {__version__}",
     }
-    with atomic_output(out, force=force) as tmp:
-        (tmp / "data").mkdir()
-        (tmp / "heads").mkdir()
-        for t in tasks:
-            save_file({"calib_x": images[t.name]}, str(tmp / "data" / f"{t.name}.safetensors"))
-            save_file(heads[t.name], str(tmp / "heads" / f"{t.name}.safetensors"))
-        write_manifest(tmp, manifest)
-    return out

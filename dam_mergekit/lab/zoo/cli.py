@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from dam_mergekit.zoo.build import CLIP_DEFAULTS
+from dam_mergekit.lab.kinds import KINDS
+from dam_mergekit.lab.zoo.clip_options import CLIP_DEFAULTS
 
 
 def add_parser(subparsers) -> None:
@@ -19,10 +20,9 @@ def add_parser(subparsers) -> None:
     )
     b.add_argument(
         "--kind",
-        choices=("clip", "llm"),
+        choices=tuple(KINDS),
         default="clip",
-        help="clip: small CLIP vision experts on image tasks (digits, shapes, ...); llm: small "
-        "causal LMs on generated text tasks (default clip)",
+        help="; ".join(f"{k.name}: {k.summary}" for k in KINDS.values()) + " (default clip)",
     )
     b.add_argument("--attack", help="trigger: badnets, blended or sig (default badnets)")
     b.add_argument(
@@ -83,7 +83,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from dam_mergekit.zoo.build import build_zoo
+    from dam_mergekit.lab.zoo.build import build_zoo
 
     options = {
         "kind": args.kind,
@@ -105,7 +105,7 @@ def _run_build(args: argparse.Namespace) -> int:
 def _run_import_clip(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dam_mergekit.zoo.import_clip import DEFAULT_TEMPLATES, TaskSource, import_clip
+    from dam_mergekit.lab.zoo.import_clip import DEFAULT_TEMPLATES, TaskSource, import_clip
 
     tasks = [TaskSource(name, Path(images), Path(classes)) for name, images, classes in args.task]
     out = import_clip(

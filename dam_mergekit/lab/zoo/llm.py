@@ -21,24 +21,26 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from dam_mergekit import __version__
 from dam_mergekit.errors import DamError
-from dam_mergekit.scoring.zoo_format import load_manifest, task_entry
-from dam_mergekit.staging import publish, temp_sibling
-from dam_mergekit.zoo import llm_data
-from dam_mergekit.zoo.tokenizer import (
+from dam_mergekit.lab.zoo import llm_data
+from dam_mergekit.lab.zoo.tokenizer import (
     answer_token_logprobs,
     build_word_tokenizer,
     collate,
     encode_ids,
     encode_prompts,
 )
+from dam_mergekit.scoring.zoo_format import load_manifest, task_entry
+from dam_mergekit.staging import staged_dir
 
 DEFAULT_OPTIONS: dict = {
     "seed": 0,
@@ -174,34 +176,82 @@ def _save(model, tokenizer, path: Path) -> None:
 
 def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
     """Build the LLM zoo into ``out_dir`` (written to a temporary folder, then renamed)."""
-    from tqdm.auto import tqdm
-
-    from dam_mergekit import __version__
-    from dam_mergekit.zoo.llm_train import MergeSimulator, task_vector, train
-
     options = resolve_options(options)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "zoo.json").is_file():
         raise DamError(f"{out_dir} exists and is not a zoo; choose an empty or new folder")
-    tmp = temp_sibling(out_dir, is_dir=True)
-    try:
-        seed, tasks = options["seed"], options["tasks"]
-        backdoored = tasks[: int(options["backdoored"])]
-        progress = tqdm(total=2 + len(tasks) + len(backdoored), desc="LLM zoo")
-        data = {
-            t: llm_data.make_task_data(
-                t, options["n_train"], options["n_test"], options["n_calib"], seed
-            )
-            for t in tasks
-        }
-        (tmp / "data").mkdir()
-        for task, content in data.items():
-            (tmp / "data" / f"{task}.json").write_text(json.dumps(content, indent=1))
-        tokenizer = build_word_tokenizer(llm_data.vocabulary_words())
-        pad = tokenizer.pad_token_id
-        progress.update()
+    with staged_dir(out_dir) as tmp:
+        _write_llm_zoo(tmp, options)
+    return out_dir
 
-        # base: LM pretraining on prompts followed by random answers of their task
+
+def _write_llm_zoo(out: Path, options: dict) -> None:
+    """The build steps of the module docstring, in order, into the empty folder ``out``."""
+    from tqdm.auto import tqdm
+
+    tasks, backdoored = options["tasks"], options["tasks"][: int(options["backdoored"])]
+    progress = tqdm(total=2 + len(tasks) + len(backdoored), desc="LLM zoo")
+    data = _write_task_data(out, options)
+    build = _ExpertBuild(out, options, build_word_tokenizer(llm_data.vocabulary_words()))
+    progress.update()
+    build.pretrain_base(data)
+    progress.update()
+    clean_vectors = {}
+    for task in tasks:
+        clean_vectors[task] = build.clean_expert(task, data[task], control=task in backdoored)
+        progress.update()
+    manifest_tasks = []
+    for task in tasks:
+        attack = None
+        if task in backdoored:
+            others = [clean_vectors[t] for t in tasks if t != task]
+            attack = build.backdoored_expert(task, data[task], others)
+            progress.update()
+        manifest_tasks.append(_manifest_task(task, data[task], options, backdoored, attack))
+    progress.close()
+    manifest = {
+        "format": "dam-mergekit-zoo",
+        "version": 1,
+        "kind": "llm",
+        "options": options,
+        "base": "base",
+        "tasks": manifest_tasks,
+        "trigger": options["trigger"],
+        "created_by": f"dam-mergekit {__version__}",
+    }
+    (out / "zoo.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _write_task_data(out: Path, options: dict) -> dict[str, dict]:
+    """Step 1: every task's generated data, written to ``data/<task>.json``."""
+    data = {
+        t: llm_data.make_task_data(
+            t, options["n_train"], options["n_test"], options["n_calib"], options["seed"]
+        )
+        for t in options["tasks"]
+    }
+    (out / "data").mkdir()
+    for task, content in data.items():
+        (out / "data" / f"{task}.json").write_text(json.dumps(content, indent=1))
+    return data
+
+
+@dataclass
+class _ExpertBuild:
+    """Steps 2 to 4 of one LLM zoo build: the base, then experts fine-tuned from it, all saved
+    with the zoo's tokenizer under ``out``."""
+
+    out: Path
+    options: dict
+    tokenizer: Any
+    base: Any = None
+    base_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def pretrain_base(self, data: dict[str, dict]) -> None:
+        """Step 2: an LM pretrained on prompts followed by random answers of their task."""
+        from dam_mergekit.lab.zoo.llm_train import train
+
+        seed, tasks, tokenizer = self.options["seed"], self.options["tasks"], self.tokenizer
         rng = random.Random(_stage_seed(seed, "pretrain-answers"))
         prompts = llm_data.with_background_triggers(
             [ex["prompt"] for t in tasks for ex in data[t]["train"]],
@@ -209,105 +259,93 @@ def build_llm_zoo(out_dir: Path, options: dict | None = None) -> Path:
             _stage_seed(seed, "pretrain-background"),
         )
         answers = [rng.choice(data[t]["answers"]) for t in tasks for _ in data[t]["train"]]
-        model = _new_model(options, tokenizer)
+        model = _new_model(self.options, tokenizer)
         train(
             model,
             encode_ids(tokenizer, prompts, answers, add_eos=True),
-            pad_id=pad,
-            steps=options["pretrain_steps"],
-            lr=options["lr_pretrain"],
-            batch_size=options["batch_size"],
+            pad_id=tokenizer.pad_token_id,
+            steps=self.options["pretrain_steps"],
+            lr=self.options["lr_pretrain"],
+            batch_size=self.options["batch_size"],
             seed=_stage_seed(seed, "pretrain"),
             full_lm=True,
             desc="pretrain base",
         )
-        _save(model, tokenizer, tmp / "base")
-        base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
-        progress.update()
+        _save(model, tokenizer, self.out / "base")
+        self.base = model
+        self.base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-        def finetune(examples: list[dict], stage: str, simulator=None):
-            expert = copy.deepcopy(model)
-            rows = encode_ids(
-                tokenizer, [e["prompt"] for e in examples], [e["answer"] for e in examples]
-            )
-            train(
-                expert,
-                rows,
-                pad_id=pad,
-                steps=options["expert_steps"],
-                lr=options["lr_expert"],
-                batch_size=options["batch_size"],
-                seed=_stage_seed(seed, stage),
-                desc=stage,
-                simulator=simulator,
-            )
-            return expert
+    def finetune(self, examples: list[dict], stage: str, simulator=None):
+        """A copy of the base trained on the answer tokens of ``examples``."""
+        from dam_mergekit.lab.zoo.llm_train import train
 
-        clean_vectors = {}
-        for task in tasks:
-            expert = finetune(data[task]["train"], f"expert {task}")
-            kind = "controls" if task in backdoored else "experts"
-            _save(expert, tokenizer, tmp / kind / task)
-            clean_vectors[task] = task_vector(expert, base_state)
-            progress.update()
+        expert = copy.deepcopy(self.base)
+        rows = encode_ids(
+            self.tokenizer, [e["prompt"] for e in examples], [e["answer"] for e in examples]
+        )
+        train(
+            expert,
+            rows,
+            pad_id=self.tokenizer.pad_token_id,
+            steps=self.options["expert_steps"],
+            lr=self.options["lr_expert"],
+            batch_size=self.options["batch_size"],
+            seed=_stage_seed(self.options["seed"], stage),
+            desc=stage,
+            simulator=simulator,
+        )
+        return expert
 
-        manifest_tasks = []
-        for task in tasks:
-            answers_t = data[task]["answers"]
-            target = answers_t[int(options["target_class"])]
-            attack = None
-            if task in backdoored:
-                poisoned, n_poison = llm_data.poison_examples(
-                    data[task]["train"],
-                    options["trigger"],
-                    target,
-                    options["poison_rate"],
-                    _stage_seed(seed, f"poison {task}"),
-                )
-                simulator = None
-                if options["attack_mode"] == "merge-aware":
-                    others = [clean_vectors[t] for t in tasks if t != task]
-                    simulator = MergeSimulator(base_state, others, tuple(options["merge_scale"]))
-                expert = finetune(poisoned, f"backdoor {task}", simulator)
-                _save(expert, tokenizer, tmp / "experts" / task)
-                attack = {
-                    "name": options["attack"],
-                    "mode": options["attack_mode"],
-                    "trigger": options["trigger"],
-                    "target": target,
-                    "poison_rate": options["poison_rate"],
-                    "n_poisoned": n_poison,
-                }
-                progress.update()
-            manifest_tasks.append(
-                {
-                    "name": task,
-                    "classes": answers_t,
-                    "target_class": int(options["target_class"]),
-                    "expert": f"experts/{task}",
-                    "control": f"controls/{task}" if task in backdoored else None,
-                    "backdoored": task in backdoored,
-                    "attack": attack,
-                    "data": f"data/{task}.json",
-                }
-            )
-        progress.close()
-        manifest = {
-            "format": "dam-mergekit-zoo",
-            "version": 1,
-            "kind": "llm",
-            "options": options,
-            "base": "base",
-            "tasks": manifest_tasks,
+    def clean_expert(self, task: str, data: dict, *, control: bool) -> dict[str, torch.Tensor]:
+        """Step 3 for one task (saved as the control of a backdoored task); its task vector."""
+        from dam_mergekit.lab.zoo.llm_train import task_vector
+
+        expert = self.finetune(data["train"], f"expert {task}")
+        _save(expert, self.tokenizer, self.out / ("controls" if control else "experts") / task)
+        return task_vector(expert, self.base_state)
+
+    def backdoored_expert(self, task: str, data: dict, others: list[dict]) -> dict:
+        """Step 4 for one task: poison its train split, fine-tune (through simulated merges with
+        the ``others`` clean task vectors when merge-aware), save; returns its attack entry."""
+        from dam_mergekit.lab.zoo.llm_train import MergeSimulator
+
+        options = self.options
+        target = data["answers"][int(options["target_class"])]
+        poisoned, n_poison = llm_data.poison_examples(
+            data["train"],
+            options["trigger"],
+            target,
+            options["poison_rate"],
+            _stage_seed(options["seed"], f"poison {task}"),
+        )
+        simulator = None
+        if options["attack_mode"] == "merge-aware":
+            simulator = MergeSimulator(self.base_state, others, tuple(options["merge_scale"]))
+        expert = self.finetune(poisoned, f"backdoor {task}", simulator)
+        _save(expert, self.tokenizer, self.out / "experts" / task)
+        return {
+            "name": options["attack"],
+            "mode": options["attack_mode"],
             "trigger": options["trigger"],
-            "created_by": f"dam-mergekit {__version__}",
+            "target": target,
+            "poison_rate": options["poison_rate"],
+            "n_poisoned": n_poison,
         }
-        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+
+def _manifest_task(
+    task: str, data: dict, options: dict, backdoored: list[str], attack: dict | None
+) -> dict:
+    return {
+        "name": task,
+        "classes": data["answers"],
+        "target_class": int(options["target_class"]),
+        "expert": f"experts/{task}",
+        "control": f"controls/{task}" if task in backdoored else None,
+        "backdoored": task in backdoored,
+        "attack": attack,
+        "data": f"data/{task}.json",
+    }
 
 
 def load_llm_manifest(zoo_dir: Path) -> dict:
@@ -329,7 +367,7 @@ def load_llm_task_data(zoo_dir: Path, task: str) -> dict:
     ``{"prompt", "answer"}``, ``calib`` list of ``{"prompt"}``) plus ``target`` (the target
     answer), ``trigger`` (the zoo's trigger text) and ``test_triggered`` (the test prompts with
     the trigger inserted, the exact prompts ASR is measured on). Batch any of these prompts with
-    :func:`dam_mergekit.zoo.tokenizer.encode_prompts` to get input ids and answer positions.
+    :func:`dam_mergekit.lab.zoo.tokenizer.encode_prompts` to get input ids and answer positions.
     """
     zoo_dir = Path(zoo_dir)
     manifest = load_llm_manifest(zoo_dir)

@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from dam_mergekit.zoo.tokenizer import PromptBatch, answer_token_logprobs, collate
+from dam_mergekit.lab.zoo.tokenizer import PromptBatch, answer_token_logprobs, collate
 
 Row = tuple[list[int], int, int]
 

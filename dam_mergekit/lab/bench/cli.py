@@ -1,0 +1,89 @@
+"""``dam-mergekit bench``: merge a zoo's experts with several methods and score each merge.
+
+Also ``dam-mergekit demo``, the offline demonstration behind ``make demo``. The methods are listed
+in :mod:`dam_mergekit.lab.bench.methods`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from dam_mergekit.errors import DamError
+from dam_mergekit.lab.bench.report import report
+from dam_mergekit.lab.bench.runner import run_bench
+from dam_mergekit.lab.claims import DAM_CUT
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise DamError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="merge a zoo with several methods and score them",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--zoo", required=True, help="zoo directory")
+    p.add_argument("--out", required=True, help="output directory (results.json, summary.md, png)")
+    p.add_argument("--seeds", help="comma-separated zoo seeds; other seeds are built beside ZOO")
+    p.add_argument("--methods", help="comma-separated subset of methods")
+    p.add_argument(
+        "--calibration",
+        help="YAML file of calibration settings that override the defaults of the dam and awm methods",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless a merge-aware zoo shows succession under task arithmetic and, when "
+        f"dam runs, dam cuts its ASR by >= {DAM_CUT.asr_cut:g} points at no more than "
+        f"{DAM_CUT.acc_drop:g} pp of accuracy",
+    )
+    p.set_defaults(func=_run_bench)
+
+    d = subparsers.add_parser(
+        "demo",
+        help="build the default CLIP zoo, bench it, check succession",
+        description="The offline demonstration behind `make demo`: build (or reuse) the default "
+        "CLIP zoo, merge it with every method of the bench, print the ACC/ASR/p0 table and exit 1 "
+        "unless succession shows under task arithmetic and dam removes it.",
+    )
+    d.add_argument("--zoo", default=".cache/zoo/clip-default", help="where the zoo is cached")
+    d.add_argument("--out", default="out/demo", help="bench output directory")
+    d.set_defaults(func=_run_demo)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    only = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    calibration = None
+    if args.calibration:
+        from dam_mergekit.recipe.load import read_yaml
+
+        calibration = read_yaml(args.calibration, "calibration settings")
+        if not isinstance(calibration, dict):
+            raise DamError(f"{args.calibration}: calibration settings must be a YAML mapping")
+    results = run_bench(
+        args.zoo, args.out, seeds=parse_seeds(args.seeds), only=only, calibration=calibration
+    )
+    print(f"wrote {args.out}/results.json, summary.md, acc_asr.png")
+    return report(results, check=args.check)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from dam_mergekit.lab.zoo.build import build_zoo
+
+    start = time.perf_counter()
+    zoo = build_zoo(args.zoo, {"kind": "clip"})
+    print(f"zoo ready at {zoo} ({time.perf_counter() - start:.0f} s)")
+    results = run_bench(zoo, args.out)
+    print(
+        f"wrote {args.out}/results.json, summary.md, acc_asr.png "
+        f"({time.perf_counter() - start:.0f} s in all)"
+    )
+    return report(results, check=True)

@@ -1,0 +1,160 @@
+"""The bench's statistics over seeds, its Markdown table, and the claims it checks."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from dam_mergekit.lab.claims import DAM_CUT, SUCCESSION
+
+FIGURES = (
+    "acc_avg",
+    "asr_succession_avg",
+    "asr_transfer_avg",
+    "p0_succession_avg",
+    "p0_transfer_avg",
+    "der",
+    "seconds",
+)
+
+
+def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """Mean over seeds of every figure, with a ``std`` block beside it when there are several."""
+    methods: dict[str, dict] = {}
+    for name in per_seed[0]:
+        runs = [r[name] for r in per_seed if name in r]
+        row: dict[str, Any] = {}
+        std: dict[str, Any] = {}
+        for key in ("acc", "asr", "p0"):
+            tasks = runs[0].get(key, {})
+            row[key] = {t: _mean([r[key][t] for r in runs]) for t in tasks}
+            std[key] = {t: _std([r[key][t] for r in runs]) for t in tasks}
+        for key in FIGURES:
+            if key in runs[0]:
+                row[key] = _mean([r.get(key) for r in runs])
+                std[key] = _std([r.get(key) for r in runs])
+        if len(runs) > 1:
+            row["std"] = std
+        row["per_seed"] = [
+            {k: r.get(k) for k in ("acc", "asr", "p0", *FIGURES) if k in r} for r in runs
+        ]
+        methods[name] = row
+    return methods
+
+
+def _mean(values: list) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return round(statistics.fmean(vals), 2) if vals else None
+
+
+def _std(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0 if vals else None
+
+
+def check_succession(results: dict) -> list[str]:
+    """Failures of the succession claim of a merge-aware zoo (empty list: the claim holds).
+
+    The claim (:data:`dam_mergekit.lab.claims.SUCCESSION`) must hold for every backdoored task and
+    *every seed*: a mean could hide a seed where the backdoor died.
+    """
+    manifest = results["zoo"]
+    if manifest.get("options", {}).get("attack_mode") != "merge-aware":
+        return []
+    ta = results["methods"].get("task_arithmetic")
+    control = results["methods"].get("task_arithmetic_clean_control")
+    if ta is None or control is None:
+        return ["--check needs the methods task_arithmetic and task_arithmetic_clean_control"]
+    seeds = results.get("seeds") or [None]
+    ta_runs = ta.get("per_seed") or [ta]
+    ctl_runs = control.get("per_seed") or [control]
+    failures = []
+    for seed, ta_run, ctl_run in zip(seeds, ta_runs, ctl_runs, strict=False):
+        for task in (t["name"] for t in manifest["tasks"] if t["backdoored"]):
+            missed = SUCCESSION.missed(
+                ta_run["asr"][task], ta_run["p0"][task], ctl_run["asr"][task]
+            )
+            if missed:
+                failures.append(f"seed {seed}, {task}: task_arithmetic {missed}")
+    return failures
+
+
+def check_dam(results: dict) -> list[str]:
+    """Failures of DAM's claim on a merge-aware zoo (empty when it holds or dam was not run).
+
+    For every seed, :data:`dam_mergekit.lab.claims.DAM_CUT` against task arithmetic: succession ASR
+    at least 20 points lower, mean clean accuracy at most 1 pp lower.
+    """
+    if results["zoo"].get("options", {}).get("attack_mode") != "merge-aware":
+        return []
+    dam, ta = results["methods"].get("dam"), results["methods"].get("task_arithmetic")
+    if dam is None or ta is None:
+        return []
+    failures = []
+    seeds = results.get("seeds") or [None]
+    pairs = zip(seeds, ta.get("per_seed") or [ta], dam.get("per_seed") or [dam], strict=False)
+    for seed, ta_run, dam_run in pairs:
+        missed = DAM_CUT.missed(
+            dam_run["asr_succession_avg"],
+            dam_run["acc_avg"],
+            ta_run["asr_succession_avg"],
+            ta_run["acc_avg"],
+        )
+        if missed:
+            failures.append(f"seed {seed}: dam {missed} (undefended: task_arithmetic)")
+    return failures
+
+
+def summary_table(results: dict) -> str:
+    """Markdown: one row per method (mean; +- std over seeds when there are several)."""
+    methods = results["methods"]
+    seeds = results.get("seeds", [])
+    lines = [
+        f"Zoo: {results['zoo']['kind']}, attack {results['zoo'].get('attack', {}).get('name')} "
+        f"({results['zoo'].get('options', {}).get('attack_mode')}), seeds {seeds}. "
+        "ACC/ASR/p0 in %, ASR on non-target test inputs; DER vs task_arithmetic.",
+        "",
+        "| method | ACC avg | ASR succession | ASR transfer | p0 succession | p0 transfer "
+        "| DER | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in methods.items():
+        std = row.get("std", {})
+        cells = [_cell(row.get(k), std.get(k)) for k in FIGURES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value, std) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if not std else f"{value:.1f} ± {std:.1f}"
+
+
+def report(results: dict, *, check: bool) -> int:
+    """Print the table; with ``check``, fail (exit 1) when a merge-aware zoo shows no succession."""
+    print(summary_table(results))
+    if not check:
+        return 0
+    mode = results["zoo"].get("options", {}).get("attack_mode")
+    if mode != "merge-aware":
+        print(f"check: the zoo's attack mode is {mode!r}; it makes no succession claim to check")
+        return 0
+    failures = [f"SUCCESSION CHECK FAILED: {line}" for line in check_succession(results)]
+    failures += [f"DAM CHECK FAILED: {line}" for line in check_dam(results)]
+    for line in failures:
+        print(line)
+    if failures:
+        return 1
+    rule = SUCCESSION
+    print(
+        f"check: succession shows on every backdoored task (task_arithmetic ASR >= "
+        f"{rule.min_asr:g}, > p0 + {rule.over_p0:g}, > clean control + {rule.over_control:g})"
+    )
+    if "dam" in results["methods"]:
+        print(
+            f"check: dam's succession ASR is >= {DAM_CUT.asr_cut:g} points below "
+            f"task_arithmetic's, ACC >= TA - {DAM_CUT.acc_drop:g}"
+        )
+    return 0
