@@ -65,13 +65,17 @@ KEY_BIAS = "self_attn.k_proj.bias"
 
 
 def _compare(a: Path, b: Path, *, skip_key_bias: bool = False) -> tuple[float, int, float]:
-    """(largest coefficient difference, differing mask entries, smallest kept fraction)."""
+    """(largest coefficient difference, relative where above 1; differing mask entries; smallest
+    kept fraction)."""
     one, two = MaskFile(a), MaskFile(b)
     assert one.names == two.names and one.settings == two.settings
     worst, differ, kept = 0.0, 0, 1.0
     for name in one.names:
         if not (skip_key_bias and name.endswith(KEY_BIAS)):
-            diff = (one.coefficients(name) - two.coefficients(name)).abs().max()
+            a, b = one.coefficients(name), two.coefficients(name)
+            # relative above 1: a tensor whose masks dropped everything carries its coefficient
+            # times the rescaling's 1 / eps, where float32 keeps ~7 digits
+            diff = ((a - b).abs() / a.abs().clamp_min(1.0)).max()
             worst = max(worst, float(diff))
         pairs = [(one.m1(name), two.m1(name))]
         pairs += [(one.m2(name, i), two.m2(name, i)) for i in range(len(one.experts))]
