@@ -30,6 +30,7 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
         "task_arithmetic_clean_control",
         "expert:digits",
         "control:digits",
+        "distill",
         "dam",
         "dam_as_released",
         "awm",
@@ -45,23 +46,47 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
     recipe = (out / "recipes" / "seed0" / "ties.yml").read_text()
     assert "merge_method: ties" in recipe and "density: 0.2" in recipe
     assert "| task_arithmetic |" in (out / "summary.md").read_text()
-    assert results["methods"]["task_arithmetic"]["der"] == 50.0
-    # the dam methods calibrated (short runs here) and merged through the guarded mergekit run
-    for name, mode in (("dam", "dam"), ("dam_as_released", "as_released")):
+    # DER reads against the most accurate undefended merge, which scores 50 against itself
+    reference = results["der_reference"]["0"]
+    assert reference in ("task_arithmetic", "ties", "dare_ties", "distill")
+    assert results["methods"][reference]["der"] == 50.0
+    assert all(
+        results["methods"][reference]["acc_avg"] >= results["methods"][n]["acc_avg"]
+        for n in ("task_arithmetic", "ties", "dare_ties", "distill")
+    )
+    # the calibrated methods (short runs here) merged through the guarded mergekit run, seeded
+    # with the calibration seed, not the zoo seed
+    assert results["calibration_seeds"] == {"0": 1000}
+    for name, mode in (("dam", "dam"), ("dam_as_released", "as_released"), ("distill", "dam")):
         cal = yaml.safe_load((out / "work" / "seed0" / f"{name}-calibration.yml").read_text())
-        assert cal["mode"] == mode and cal["steps"] == QUICK["steps"] and cal["seed"] == 0
+        assert cal["mode"] == mode and cal["steps"] == QUICK["steps"] and cal["seed"] == 1000
         assert (out / "work" / "seed0" / f"{name}-calibration.masks.safetensors").is_file()
         assert "merge_method: dam" in (out / "recipes" / "seed0" / f"{name}.yml").read_text()
 
 
-def test_bench_two_seeds_has_std(tiny_zoo, tmp_path):  # noqa: F811
+def test_bench_seeds_are_split_into_development_and_test(tiny_zoo, tmp_path):  # noqa: F811
     out = tmp_path / "bench2"
-    results = run_bench(tiny_zoo, out, seeds=[0, 1], only=["pretrained", "task_arithmetic"])
-    assert results["seeds"] == [0, 1]
+    only = ["pretrained", "task_arithmetic", "ties"]
+    results = run_bench(tiny_zoo, out, seeds=[0, 1, 3, 4], only=only)
+    assert results["seeds"] == [0, 1, 3, 4]
+    assert results["split"] == {"0": "development", "1": "development", "3": "test", "4": "test"}
+    assert results["calibration_seeds"] == {"0": 1000, "1": 1001, "3": 1003, "4": 1004}
     row = results["methods"]["task_arithmetic"]
     assert "std" in row and set(row["std"]["acc"]) == set(row["acc"])
-    assert len(row["per_seed"]) == 2
+    assert len(row["per_seed"]) == 4
     assert (tiny_zoo.parent / "tiny-seed1" / "zoo.json").is_file()
+    # each split has its own statistics, over its own seeds only
+    test = results["splits"]["test"]
+    assert test["seeds"] == [3, 4]
+    accs = [r["acc_avg"] for r in row["per_seed"][2:]]
+    assert test["methods"]["task_arithmetic"]["acc_avg"] == round(sum(accs) / 2, 2)
+    worst = test["methods"]["task_arithmetic"]["worst"]["acc_avg"]
+    assert worst == {"value": min(accs), "seed": [3, 4][accs.index(min(accs))]}
+    asrs = [r["asr_succession_avg"] for r in row["per_seed"][2:]]
+    assert test["methods"]["task_arithmetic"]["worst"]["asr_succession_avg"]["value"] == max(asrs)
+    summary = (out / "summary.md").read_text()
+    assert summary.index("Test seeds [3, 4]") < summary.index("Development seeds [0, 1]")
+    assert "worst" in summary
 
 
 def test_unknown_method_refused_before_work(tiny_zoo, tmp_path):  # noqa: F811

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import matplotlib
 
-from dam_mergekit.lab.bench.figure import best_undefended, draw, method_groups, plot
+from dam_mergekit.lab.bench.figure import draw, method_groups, plot
+from dam_mergekit.lab.protocol import best_undefended
 
 NAMES = [
     "pretrained",

@@ -326,7 +326,11 @@ class Calibrator:
             self.optimizers["c"] = torch.optim.Adam([self.coef], lr=self.cfg.lr_coef)
 
     def perturbation_step(self, masks: MaskDraw) -> float:
-        """Each task's perturbation ascends the trigger objective; returns the flip rate."""
+        """Each task's perturbation ascends the trigger objective; returns the flip rate.
+
+        With ``alpha: 0`` no loss reads the perturbation, so no trigger is searched (rate 0)."""
+        if self.cfg.alpha == 0:
+            return 0.0
         with torch.no_grad():
             params = self.state.merged_params(masks, self.coef.detach())
         flips = 0.0

@@ -15,13 +15,13 @@ from dam_mergekit.lab.bench.runner import run_bench
 from dam_mergekit.lab.claims import DAM_CUT
 
 
-def parse_seeds(text: str | None) -> list[int] | None:
+def parse_seeds(text: str | None, option: str = "--seeds") -> list[int] | None:
     if not text:
         return None
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise DamError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise DamError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def add_parser(subparsers) -> None:
@@ -32,7 +32,16 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--zoo", required=True, help="zoo directory")
     p.add_argument("--out", required=True, help="output directory (results.json, summary.md, png)")
-    p.add_argument("--seeds", help="comma-separated zoo seeds; other seeds are built beside ZOO")
+    p.add_argument(
+        "--seeds",
+        help="comma-separated zoo seeds (0-2 development, 3-7 test); other seeds are built "
+        "beside ZOO",
+    )
+    p.add_argument(
+        "--calib-seeds",
+        help="calibration seeds: one for every zoo seed, or one per zoo seed (default: 1000 + the "
+        "zoo seed; never the zoo seed itself)",
+    )
     p.add_argument("--methods", help="comma-separated subset of methods")
     p.add_argument(
         "--calibration",
@@ -69,7 +78,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         if not isinstance(calibration, dict):
             raise DamError(f"{args.calibration}: calibration settings must be a YAML mapping")
     results = run_bench(
-        args.zoo, args.out, seeds=parse_seeds(args.seeds), only=only, calibration=calibration
+        args.zoo,
+        args.out,
+        seeds=parse_seeds(args.seeds),
+        only=only,
+        calibration=calibration,
+        calibration_seeds=parse_seeds(args.calib_seeds, "--calib-seeds"),
     )
     print(f"wrote {args.out}/results.json, summary.md, acc_asr.png")
     return report(results, check=args.check)

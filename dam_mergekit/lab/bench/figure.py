@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# merges without any defense; the defense is judged against the best of them
-UNDEFENDED = ("task_arithmetic", "ties", "dare_ties")
-NO_BACKDOOR = "task_arithmetic_clean_control"
+from dam_mergekit.lab.protocol import NO_BACKDOOR, UNDEFENDED, best_undefended
+
 BARS = (  # key, p0 key, label, colour, hatch
     ("acc_avg", None, "clean accuracy (mean over tasks)", "tab:blue", ""),
     (
@@ -32,12 +31,6 @@ def method_groups(names: list[str]) -> list[tuple[str, list[str]]]:
     defenses = [n for n in names if n not in single and n not in undefended]
     groups = [("single models", single), ("undefended merges", undefended), ("defenses", defenses)]
     return [(title, members) for title, members in groups if members]
-
-
-def best_undefended(methods: dict) -> str | None:
-    """The undefended merge with the highest clean accuracy (None when the bench ran none)."""
-    ran = [n for n in UNDEFENDED if methods.get(n, {}).get("acc_avg") is not None]
-    return max(ran, key=lambda n: methods[n]["acc_avg"]) if ran else None
 
 
 def draw(results: dict):

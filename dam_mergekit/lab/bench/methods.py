@@ -11,9 +11,13 @@ Methods (settings fixed here, from the literature, not tuned on any zoo):
   mean, lambda 1 (Yu et al. 2024); the drop is seeded from the zoo seed.
 - ``task_arithmetic_clean_control``: task arithmetic with every backdoored expert replaced by its
   clean control: the ASR a merge shows without any backdoor.
+- ``distill``: the calibration's clean objective alone (``alpha: 0``: no safety term, hence no
+  trigger search): masks and coefficients learned by distilling each task's expert. The
+  undefended merge that ``dam`` modifies, so the one its cost is read against.
 - ``dam``: DAM with the package's default calibration for the zoo's kind (``clip`` or
-  ``causal_lm``, seeded with the zoo seed; see docs/calibration.md); the guarded merge calibrates
-  first, so its seconds include calibration. ``dam_as_released``: the released algorithm.
+  ``causal_lm``; see docs/calibration.md), seeded with the zoo's calibration seed
+  (:func:`dam_mergekit.lab.protocol.calibration_seed`, or ``bench --calib-seeds``); the guarded
+  merge calibrates first, so its seconds include calibration. ``dam_as_released``: the released algorithm.
   ``dam_masks_only`` and ``dam_coefficients_only``: DAM's ablations (only one part learned).
 - ``awm``: post-hoc adversarial weight masking: one mask on the task-arithmetic merge's task
   vector, learned by the same calibration against the proxy trigger (:func:`awm_recipe`).
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.bench.merging import merge_recipe
+from dam_mergekit.lab.protocol import calibration_seed
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +123,8 @@ def _zoo_seed(manifest: dict) -> int:
 
 def _calibration_file(zoo: Path, manifest: dict, work: Path, name: str, settings: dict) -> Path:
     """``work/<name>-calibration.yml``: the package default for the zoo's kind, seeded with the
-    zoo seed, with ``settings`` on top (``mode: as_released`` for the released algorithm)."""
+    zoo's calibration seed, with ``settings`` on top (``mode: as_released`` for the released
+    algorithm; ``seed`` when the bench was given calibration seeds)."""
     import yaml
 
     from dam_mergekit.calibrate.config import default_calibration
@@ -126,7 +132,7 @@ def _calibration_file(zoo: Path, manifest: dict, work: Path, name: str, settings
 
     adapter = zoo_kind(manifest["kind"]).adapter
     calibration = default_calibration(
-        adapter, str(zoo.resolve()), **{"seed": _zoo_seed(manifest), **settings}
+        adapter, str(zoo.resolve()), **{"seed": calibration_seed(_zoo_seed(manifest)), **settings}
     )
     work.mkdir(parents=True, exist_ok=True)
     cal_path = (work / f"{name}-calibration.yml").resolve()
@@ -248,7 +254,9 @@ _MERGES: dict[str, RecipeBuilder] = {
     "dare_ties": dare_ties_recipe,
     "task_arithmetic_clean_control": clean_control_recipe,
 }
-# Calibrated methods: name -> calibration settings over the package defaults.
+# Undefended merges learned by the calibration: name -> settings over the package defaults.
+_LEARNED_MERGES: dict[str, dict[str, Any]] = {"distill": {"alpha": 0.0}}
+# Calibrated defenses: name -> calibration settings over the package defaults.
 _CALIBRATED: dict[str, dict[str, Any]] = {
     "dam": {},
     "dam_as_released": {"mode": "as_released"},
@@ -270,7 +278,7 @@ def register_method(name: str, recipe: RecipeBuilder) -> None:
     """Add a merge method (e.g. a defense) to every later bench run, under a name of its own.
 
     ``recipe(zoo_dir, manifest, work_dir)`` returns a mergekit recipe dict (docs/lab.md)."""
-    taken = name in _MERGES or name in _CALIBRATED or name in _DERIVED
+    taken = any(name in table for table in (_MERGES, _LEARNED_MERGES, _CALIBRATED, _DERIVED))
     if taken or name == "pretrained" or name.startswith(("expert:", "control:")):
         raise DamError(f"bench method {name!r} is already registered")
     _MERGES[name] = recipe
@@ -296,7 +304,7 @@ def methods_for(
         if t["control"]:
             methods.append(Method(f"control:{t['name']}", model=lambda z, m, r=t["control"]: z / r))
     methods += [Method(n, recipe=r) for n, r in _MERGES.items()]
-    for n, settings in _CALIBRATED.items():
+    for n, settings in {**_LEARNED_MERGES, **_CALIBRATED}.items():
         chosen = {**settings, **(calibration or {})}
         methods.append(Method(n, recipe=functools.partial(dam_recipe, name=n, **chosen)))
     for n, builder in _DERIVED.items():

@@ -7,23 +7,28 @@ import statistics
 from typing import Any
 
 from dam_mergekit.lab.claims import DAM_CUT, SUCCESSION
+from dam_mergekit.lab.protocol import best_undefended
 
 FIGURES = (
     "acc_avg",
     "asr_succession_avg",
-    "asr_transfer_avg",
     "p0_succession_avg",
+    "asr_transfer_avg",
     "p0_transfer_avg",
     "der",
     "seconds",
 )
+# the figures whose worst seed is reported: the lowest accuracy, the highest ASRs
+WORST = {"acc_avg": min, "asr_succession_avg": max, "asr_transfer_avg": max}
 
 
-def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    """Mean over seeds of every figure, with a ``std`` block beside it when there are several."""
+def aggregate(per_seed: list[dict[str, dict]], seeds: list[int] | None = None) -> dict[str, dict]:
+    """Mean over seeds of every figure, with a ``std`` block beside it when there are several and,
+    given the ``seeds``, a ``worst`` block: the worst seed's value of each figure in :data:`WORST`."""
     methods: dict[str, dict] = {}
     for name in per_seed[0]:
         runs = [r[name] for r in per_seed if name in r]
+        ran = [s for s, r in zip(seeds or [], per_seed, strict=False) if name in r]
         row: dict[str, Any] = {}
         std: dict[str, Any] = {}
         for key in ("acc", "asr", "p0"):
@@ -36,11 +41,23 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
                 std[key] = _std([r.get(key) for r in runs])
         if len(runs) > 1:
             row["std"] = std
+            if len(ran) == len(runs):
+                row["worst"] = _worst(runs, ran)
         row["per_seed"] = [
             {k: r.get(k) for k in ("acc", "asr", "p0", *FIGURES) if k in r} for r in runs
         ]
         methods[name] = row
     return methods
+
+
+def _worst(runs: list[dict], seeds: list[int]) -> dict[str, dict]:
+    out = {}
+    for key, pick in WORST.items():
+        known = [(r[key], s) for r, s in zip(runs, seeds, strict=True) if r.get(key) is not None]
+        if known:
+            value, seed = pick(known, key=lambda pair: pair[0])
+            out[key] = {"value": value, "seed": seed}
+    return out
 
 
 def _mean(values: list) -> float | None:
@@ -107,34 +124,86 @@ def check_dam(results: dict) -> list[str]:
 
 
 def summary_table(results: dict) -> str:
-    """Markdown: one row per method (mean; +- std over seeds when there are several)."""
-    methods = results["methods"]
-    seeds = results.get("seeds", [])
+    """Markdown: a table per split of seeds (test seeds first), one row per method: mean, +- std
+    and the worst seed when there are several seeds."""
+    zoo = results["zoo"]
     lines = [
-        f"Zoo: {results['zoo']['kind']}, attack {results['zoo'].get('attack', {}).get('name')} "
-        f"({results['zoo'].get('options', {}).get('attack_mode')}), seeds {seeds}. "
-        "ACC/ASR/p0 in %, ASR on non-target test inputs; DER vs task_arithmetic.",
-        "",
-        "| method | ACC avg | ASR succession | ASR transfer | p0 succession | p0 transfer "
+        f"Zoo: {zoo['kind']}, attack {zoo.get('attack', {}).get('name')} "
+        f"({zoo.get('options', {}).get('attack_mode')}), seeds {results.get('seeds', [])}, "
+        f"calibration seeds {list((results.get('calibration_seeds') or {}).values())}. "
+        "ACC/ASR/p0 in %, ASR on non-target test inputs, p0 beside each ASR (the rate without "
+        "the trigger); DER against the most accurate undefended merge of each seed "
+        f"({', '.join(sorted(set((results.get('der_reference') or {}).values()) - {None}))})."
+    ]
+    splits = results.get("splits") or {
+        "all": {"seeds": results.get("seeds", []), "methods": results["methods"]}
+    }
+    for split in ("test", "development", "extra", "all"):
+        if split in splits:
+            part = splits[split]
+            lines += ["", f"{split.capitalize()} seeds {part['seeds']}:", ""]
+            lines += _table(part["methods"])
+    return "\n".join(lines)
+
+
+def _table(methods: dict[str, dict]) -> list[str]:
+    lines = [
+        "| method | ACC avg | ASR succession | p0 succession | ASR transfer | p0 transfer "
         "| DER | s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in methods.items():
-        std = row.get("std", {})
-        cells = [_cell(row.get(k), std.get(k)) for k in FIGURES]
+        std, worst = row.get("std", {}), row.get("worst", {})
+        cells = [_cell(row.get(k), std.get(k), worst.get(k)) for k in FIGURES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
 
 
-def _cell(value, std) -> str:
+def _cell(value, std, worst=None) -> str:
     if value is None:
         return "-"
-    return f"{value:.1f}" if not std else f"{value:.1f} ± {std:.1f}"
+    text = f"{value:.1f}" if not std else f"{value:.1f} ± {std:.1f}"
+    if worst is not None:
+        text += f", worst {worst['value']:.1f} (seed {worst['seed']})"
+    return text
+
+
+def against_best_undefended(results: dict) -> list[str]:
+    """Per seed, dam against the most accurate undefended merge of that seed: the judgment the
+    lab's protocol asks for, printed beside the check (which reads task arithmetic)."""
+    dam = results["methods"].get("dam")
+    if dam is None:
+        return []
+    seeds = results.get("seeds") or [None]
+    lines = []
+    for k, (seed, dam_run) in enumerate(zip(seeds, dam.get("per_seed") or [dam], strict=False)):
+        runs = {n: r["per_seed"][k] for n, r in results["methods"].items() if "per_seed" in r}
+        best = best_undefended(runs)
+        if best is None or dam_run.get("asr_succession_avg") is None:
+            continue
+        ref = runs[best]
+        missed = DAM_CUT.missed(
+            dam_run["asr_succession_avg"],
+            dam_run["acc_avg"],
+            ref["asr_succession_avg"],
+            ref["acc_avg"],
+        )
+        d_asr = dam_run["asr_succession_avg"] - ref["asr_succession_avg"]
+        d_acc = dam_run["acc_avg"] - ref["acc_avg"]
+        lines.append(
+            f"seed {seed}: dam ASR {dam_run['asr_succession_avg']:.1f} (p0 "
+            f"{dam_run['p0_succession_avg']:.1f}) / ACC {dam_run['acc_avg']:.1f} against {best} "
+            f"ASR {ref['asr_succession_avg']:.1f} (p0 {ref['p0_succession_avg']:.1f}) / ACC "
+            f"{ref['acc_avg']:.1f}: ASR {d_asr:+.1f}, ACC {d_acc:+.1f}, "
+            + ("holds" if missed is None else "misses the cut")
+        )
+    return lines
 
 
 def report(results: dict, *, check: bool) -> int:
     """Print the table; with ``check``, fail (exit 1) when a merge-aware zoo shows no succession."""
     print(summary_table(results))
+    print_against_best(results)
     if not check:
         return 0
     mode = results["zoo"].get("options", {}).get("attack_mode")
@@ -158,3 +227,14 @@ def report(results: dict, *, check: bool) -> int:
             f"task_arithmetic's, ACC >= TA - {DAM_CUT.acc_drop:g}"
         )
     return 0
+
+
+def print_against_best(results: dict) -> None:
+    lines = against_best_undefended(results)
+    if lines:
+        print(
+            f"against the best undefended merge (ASR -{DAM_CUT.asr_cut:g}, ACC -"
+            f"{DAM_CUT.acc_drop:g} at most; reported, not checked):"
+        )
+        for line in lines:
+            print("  " + line)

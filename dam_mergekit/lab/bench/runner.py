@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dam_mergekit.errors import DamError
 from dam_mergekit.lab.bench.merging import merge_recipe
 from dam_mergekit.lab.bench.methods import methods_for
 from dam_mergekit.lab.bench.report import aggregate, summary_table
+from dam_mergekit.lab.protocol import SPLITS, best_undefended, calibration_seed, seed_split
 from dam_mergekit.staging import staged_file
 
 BENCH_THREADS = 2
@@ -25,7 +27,9 @@ def bench_zoo(
     evaluate=None,
     calibration: dict[str, Any] | None = None,
 ) -> dict[str, dict]:
-    """Evaluate every method on one zoo; returns ``{method: evaluation + averages + seconds}``."""
+    """Evaluate every method on one zoo; returns ``{method: evaluation + averages + seconds}``.
+
+    Each row's DER is taken against the most accurate undefended merge of this zoo."""
     from tqdm.auto import tqdm
 
     from dam_mergekit.lab.evaluate import evaluate_model, summarise
@@ -56,11 +60,12 @@ def bench_zoo(
             **summarise(result, manifest),
             "seconds": round(time.perf_counter() - start, 2),
         }
-    if "task_arithmetic" in rows:
+    reference = best_undefended(rows)
+    if reference is not None:
         from dam_mergekit.lab.evaluate import der
 
         for row in rows.values():
-            row["der"] = der(row, rows["task_arithmetic"])
+            row["der"] = der(row, rows[reference])
     return rows
 
 
@@ -93,8 +98,13 @@ def run_bench(
     only: list[str] | None = None,
     evaluate=None,
     calibration: dict[str, Any] | None = None,
+    calibration_seeds: list[int] | None = None,
 ) -> dict:
-    """Bench a zoo (and its seed siblings); writes results.json, summary.md and acc_asr.png."""
+    """Bench a zoo (and its seed siblings); writes results.json, summary.md and acc_asr.png.
+
+    ``calibration_seeds``: one for every zoo seed, or one each (default: the protocol's
+    :func:`~dam_mergekit.lab.protocol.calibration_seed`). The results say which seeds are
+    development and which test seeds, with statistics for each split on its own."""
     import torch
 
     from dam_mergekit.lab.zoo.manifest import load_manifest
@@ -103,18 +113,33 @@ def run_bench(
     manifest = load_manifest(zoo)
     methods_for(manifest, only)  # refuse unknown names before any work
     _check_calibration(calibration)
+    own = manifest["options"].get("seed", 0)
+    calib_seeds = calibration_seeds_for(seeds or [own], calibration_seeds)
     zoos = zoos_for_seeds(zoo, seeds)  # zoo builds use the caller's thread settings
     torch.set_num_threads(BENCH_THREADS)
     out.mkdir(parents=True, exist_ok=True)
     per_seed = [
-        bench_zoo(z, out, seed=s, only=only, evaluate=evaluate, calibration=calibration)
+        bench_zoo(
+            z,
+            out,
+            seed=s,
+            only=only,
+            evaluate=evaluate,
+            calibration={**(calibration or {}), "seed": calib_seeds[s]},
+        )
         for s, z in zoos.items()
     ]
     results = {
         "zoo": manifest,
         "seeds": list(zoos),
         "zoos": {str(s): str(z) for s, z in zoos.items()},
-        "methods": aggregate(per_seed),
+        "calibration_seeds": {str(s): c for s, c in calib_seeds.items()},
+        "split": {str(s): seed_split(s) for s in zoos},
+        "der_reference": {
+            str(s): best_undefended(rows) for s, rows in zip(zoos, per_seed, strict=True)
+        },
+        "methods": aggregate(per_seed, list(zoos)),
+        "splits": _by_split(list(zoos), per_seed),
     }
     with staged_file(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -127,10 +152,49 @@ def run_bench(
     return results
 
 
+def calibration_seeds_for(seeds: list[int], given: list[int] | None) -> dict[int, int]:
+    """Zoo seed -> calibration seed: ``given`` (one for all, or one per zoo seed in order), else
+    the protocol's default; a calibration seed equal to its zoo seed is refused."""
+    if not given:
+        chosen = {s: calibration_seed(s) for s in seeds}
+    elif len(given) in (1, len(seeds)):
+        chosen = dict(zip(seeds, given * len(seeds) if len(given) == 1 else given, strict=True))
+    else:
+        raise DamError(
+            f"--calib-seeds gives {len(given)} seeds for {len(seeds)} zoo seeds; give one for "
+            "all or one per zoo seed"
+        )
+    for zoo_seed, calib in chosen.items():
+        if calib == zoo_seed:
+            raise DamError(
+                f"calibration seed {calib} equals its zoo seed; the lab's protocol keeps them "
+                "apart (docs/lab.md, 'Protocol')"
+            )
+    return chosen
+
+
+def _by_split(seeds: list[int], per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """The statistics of each split of seeds on its own (development, test, extra)."""
+    out = {}
+    for split in SPLITS:
+        chosen = [
+            (s, rows) for s, rows in zip(seeds, per_seed, strict=True) if seed_split(s) == split
+        ]
+        if chosen:
+            out[split] = {
+                "seeds": [s for s, _ in chosen],
+                "methods": aggregate([rows for _, rows in chosen], [s for s, _ in chosen]),
+            }
+    return out
+
+
 def _check_calibration(calibration: dict[str, Any] | None) -> None:
-    """Refuse unknown calibration settings before any merge runs (adapter and data are the bench's)."""
+    """Refuse unknown calibration settings before any merge runs (adapter and data are the bench's,
+    the seed is set by calibration seeds)."""
     from dam_mergekit.calibrate.config import CalibrationConfig
 
     CalibrationConfig.check_keys(
         calibration or {}, "bench --calibration", exclude=("adapter", "data")
     )
+    if "seed" in (calibration or {}):
+        raise DamError("bench --calibration: set the calibration seed with --calib-seeds")
