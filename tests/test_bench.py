@@ -191,3 +191,26 @@ def test_a_registered_defense_joins_the_bench_under_its_own_name(tiny_zoo, tmp_p
     finally:
         bench.unregister_method("my_defense")
     assert "my_defense" not in [m.name for m in bench.methods_for(load_manifest(tiny_zoo))]
+
+
+def test_demo_leaves_the_release_reproduction_to_bench(tiny_zoo, tmp_path, monkeypatch):  # noqa: F811
+    """The demo runs every row but the released algorithm (its 1000 + 1000 steps)."""
+    import argparse
+
+    from dam_mergekit.lab.bench import cli
+    from dam_mergekit.lab.bench.methods import methods_for
+    from dam_mergekit.lab.zoo.manifest import load_manifest
+
+    asked = {}
+
+    def fake_bench(zoo, out, **kwargs):
+        asked.update(kwargs)
+        raise KeyboardInterrupt  # stop before any merge
+
+    monkeypatch.setattr("dam_mergekit.lab.zoo.build.build_zoo", lambda path, options: tiny_zoo)
+    monkeypatch.setattr(cli, "run_bench", fake_bench)
+    with pytest.raises(KeyboardInterrupt):
+        cli._run_demo(argparse.Namespace(zoo=str(tiny_zoo), out=str(tmp_path / "demo")))
+    every = [m.name for m in methods_for(load_manifest(tiny_zoo))]
+    assert asked["only"] == [n for n in every if n != "dam_as_released"]
+    assert {"dam", "distill", "task_arithmetic"} <= set(asked["only"])

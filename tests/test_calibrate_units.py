@@ -201,11 +201,11 @@ def test_resume_from_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = Calibrator.mask_step
 
-    def crash_at_five(self):
+    def crash_at_five(self, sample=None):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return original(self)
+        return original(self, sample)
 
     monkeypatch.setattr(Calibrator, "mask_step", crash_at_five)
     with pytest.raises(KeyboardInterrupt):

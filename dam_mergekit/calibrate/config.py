@@ -36,9 +36,12 @@ CAUSAL_LM_SETTINGS: dict[str, Any] = {
 }
 RELEASED_SETTINGS: dict[str, Any] = {
     "mode": "as_released",
+    "steps": 1000,
+    "final_steps": 1000,
     "init_logit": 0.0,
     "lr_mask": 0.001,
-    "lr_coef": 0.001,
+    "lr_coef": 1.0,  # the inner step, from coefficients reset to coef_init each time
+    "lr_coef_final": 0.001,  # the final AdaMerging stage, a new optimizer
     "lr_perturb": 0.0001,
     "alpha": 0.1,
     "coef_range": [0.0, 10.0],
@@ -46,9 +49,12 @@ RELEASED_SETTINGS: dict[str, Any] = {
     "perf_loss": "entropy",
     "trigger_search": "untargeted",
 }
+# The released code perturbs normalised pixels (the built-in clip adapter's option).
+RELEASED_CLIP_OPTIONS: dict[str, Any] = {"perturb": "normalized"}
 FLOAT_KEYS = (
     "lr_mask",
     "lr_coef",
+    "lr_coef_final",
     "lr_perturb",
     "alpha",
     "eps",
@@ -72,6 +78,7 @@ class CalibrationConfig:
     batch_size: int = 16
     lr_mask: float = 0.1
     lr_coef: float = 3e-3
+    lr_coef_final: float | None = None  # coefficient lr of the final stage (default: lr_coef)
     lr_perturb: float = 0.1  # step size of the perturbation (per step, in its norm)
     perturb_steps: int = 1  # ascent steps on the perturbation per outer step
     alpha: float = 3.0  # weight of L_safe (in the M2 and the coefficient steps)
@@ -192,6 +199,14 @@ class CalibrationConfig:
                 raise bad(f"{key} must be a number > 0, got {value!r}")
         if self.train != "both" and self.mode != "dam":
             raise bad(f"train: {self.train} is an ablation of mode dam, not of {self.mode}")
+        final_lr = self.lr_coef_final
+        if final_lr is not None and not (isinstance(final_lr, (int, float)) and final_lr > 0):
+            raise bad(f"lr_coef_final must be a number > 0 (or unset), got {final_lr!r}")
+        if final_lr is not None and self.mode == "dam":
+            raise bad(
+                "lr_coef_final is a setting of mode as_released (its final stage starts a new "
+                "optimizer); mode dam's final stage goes on with lr_coef"
+            )
         if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0):
             raise bad(f"alpha must be a number >= 0, got {self.alpha!r}")
         low, high = self.coef_range
@@ -223,7 +238,19 @@ class CalibrationConfig:
         for key in ("source", "checkpoint", "checkpoint_every", "memory_budget_gb", "device"):
             out.pop(key)
         out["coef_range"] = list(self.coef_range)
+        _drop_unset(out)
         return out
+
+
+OPTIONAL_KEYS = ("lr_coef_final",)
+"""Settings whose unset value (None) is left out of what a mask file records, so that mask files
+made before the setting existed keep their fingerprint."""
+
+
+def _drop_unset(settings: dict[str, Any]) -> None:
+    for key in OPTIONAL_KEYS:
+        if settings.get(key) is None:
+            settings.pop(key, None)
 
 
 def check_device(device: str, where: str = "calibration") -> None:
@@ -264,9 +291,12 @@ def default_calibration(adapter: str, data: str, **overrides: Any) -> dict[str, 
     for key in ("source", "checkpoint", "memory_budget_gb"):
         out.pop(key)
     out["coef_range"] = list(out["coef_range"])
+    _drop_unset(out)
     if adapter == "causal_lm":
         out.update(CAUSAL_LM_SETTINGS)
     if overrides.get("mode") == "as_released":
         out.update(RELEASED_SETTINGS)
+        if adapter == "clip":
+            out["adapter_options"] = dict(RELEASED_CLIP_OPTIONS)
     out.update(overrides)
     return out

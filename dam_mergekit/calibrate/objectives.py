@@ -35,7 +35,9 @@ class Run(Protocol):
 
     def perturbation_step(self, masks: MaskDraw) -> float: ...
 
-    def reset_coefficients(self, *, new_optimizer: bool = False) -> None: ...
+    def reset_coefficients(
+        self, *, new_optimizer: bool = False, lr: float | None = None
+    ) -> None: ...
 
     def step_coefficients(self, loss: torch.Tensor) -> None: ...
 
@@ -52,6 +54,7 @@ class Objective(Protocol):
     # shared mask, which learns from both terms
     bounded_perturbation: bool  # projected into the eps ball; else unbounded (Adam)
     distills: bool  # the clean loss is the KL from each task's own expert
+    reuses_sample: bool  # the mask step reuses the step's Concrete sample; else draws its own
 
     def clean_loss(self, logits: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor: ...
 
@@ -79,6 +82,7 @@ class DefenseObjective:
     extraction = EXTRACTION_DAM
     two_masks = True
     bounded_perturbation = True
+    reuses_sample = False
 
     def __init__(self, config: CalibrationConfig):
         self.cfg = config
@@ -126,14 +130,18 @@ class DefenseObjective:
 
 class ReleasedObjective:
     """Mode ``as_released``, the released code's algorithm, for comparison: one shared mask on
-    clean entropy plus alpha times perturbed entropy, unbounded perturbation, coefficients reset
-    before each step on clean entropy only, then an entropy-only AdaMerging on one continuous
-    mask sample."""
+    clean entropy plus alpha times perturbed entropy, learned on the same Concrete sample as the
+    step's inner coefficient update; an unbounded perturbation; coefficients reset before each
+    inner step (lr ``lr_coef``, Adam moments kept) on clean entropy only; then an entropy-only
+    AdaMerging from ``coef_init`` with a new optimizer (lr ``lr_coef_final``) on one continuous
+    mask sample. Its final coefficients are kept >= ``coef_range``'s low end, which the release
+    does not do: a mask file stores no negative coefficient."""
 
     extraction = EXTRACTION_RELEASED
     two_masks = False
     bounded_perturbation = False
     distills = False
+    reuses_sample = True
 
     def __init__(self, config: CalibrationConfig):
         self.cfg = config
@@ -155,7 +163,7 @@ class ReleasedObjective:
         return state.draw(grad=False)
 
     def begin_final(self, run):
-        run.reset_coefficients(new_optimizer=True)
+        run.reset_coefficients(new_optimizer=True, lr=self.cfg.lr_coef_final or self.cfg.lr_coef)
 
     def final_step(self, run, masks):
         """AdaMerging on clean entropy, no reset between steps."""
@@ -165,6 +173,8 @@ class ReleasedObjective:
         for t in run.tasks:
             total = total + entropy(run.logits(params, t, batches[t]))
         run.step_coefficients(total)
+        with torch.no_grad():
+            run.coef.clamp_(min=self.cfg.coef_range[0])
         return total.item(), 0.0, None
 
     def stored_masks(self, m1, m2):

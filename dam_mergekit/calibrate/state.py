@@ -40,6 +40,14 @@ class MaskDraw:
     grad: bool = False  # differentiable in the logits (the mask step)
     binary: bool = False
 
+    def detached(self) -> MaskDraw:
+        """The same draw, not differentiable (a sharded state's noise states replay it)."""
+        if not self.grad:
+            return self
+        m1 = {k: v.detach() for k, v in self.m1.items()}
+        m2 = {k: v.detach() for k, v in self.m2.items()}
+        return MaskDraw(m1, m2, grad=False, binary=self.binary)
+
 
 class FinalTensor(NamedTuple):
     """One tensor's final values, on the cpu side of the state: what the mask file is made of."""

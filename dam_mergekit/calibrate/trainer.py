@@ -319,11 +319,12 @@ class Calibrator:
         self.state.all_sum([self.coef.grad])
         opt.step()
 
-    def reset_coefficients(self, *, new_optimizer: bool = False) -> None:
+    def reset_coefficients(self, *, new_optimizer: bool = False, lr: float | None = None) -> None:
+        """Coefficients back to ``coef_init``; a new Adam (at ``lr``, default ``lr_coef``)."""
         with torch.no_grad():
             self.coef.fill_(self.cfg.coef_init)
         if new_optimizer:
-            self.optimizers["c"] = torch.optim.Adam([self.coef], lr=self.cfg.lr_coef)
+            self.optimizers["c"] = torch.optim.Adam([self.coef], lr=lr or self.cfg.lr_coef)
 
     def perturbation_step(self, masks: MaskDraw) -> float:
         """Each task's perturbation ascends the trigger objective; returns the flip rate.
@@ -349,8 +350,8 @@ class Calibrator:
                 flips += float((adv.argmax(-1) != pseudo).float().mean()) / len(self.tasks)
         return flips / self.cfg.perturb_steps
 
-    def mask_step(self) -> Step:
-        """One Adam step of the mask logits on a fresh differentiable draw."""
+    def mask_step(self, sample: MaskDraw | None = None) -> Step:
+        """One Adam step of the mask logits on ``sample`` (a differentiable draw), else a fresh one."""
 
         def losses(params, safe_params):
             batches = self.batches()
@@ -364,7 +365,7 @@ class Calibrator:
             return perf, safe
 
         perf, safe = self.state.mask_gradients(
-            self.state.draw(grad=True),
+            self.state.draw(grad=True) if sample is None else sample,
             self.coef.detach(),
             losses,
             alpha=self.cfg.alpha,
@@ -470,7 +471,8 @@ class Calibrator:
 
     def _mask_phase_step(self, step: int, timings: dict[str, float]) -> dict[str, float]:
         """Coefficients, perturbations, masks: one step of the first phase, timed per stage."""
-        masks = self.state.draw(grad=False)
+        sample = self.state.draw(grad=self.objective.reuses_sample)
+        masks = sample.detached()  # the coefficient and perturbation steps move no mask
         t0 = time.perf_counter()
         if self.learn_coef:  # ablations "masks", "m2": coefficients stay at coef_init
             perf, safe = self.objective.coefficient_step(self, masks)
@@ -478,7 +480,7 @@ class Calibrator:
         flips = self.perturbation_step(masks)
         t2 = time.perf_counter()
         if self.cfg.train != "coefficients":  # ablation "coefficients only": masks stay all-ones
-            perf, safe = self.mask_step()
+            perf, safe = self.mask_step(sample if sample.grad else None)
         t3 = time.perf_counter()
         timings["coefficients"] += t1 - t0
         timings["perturbation"] += t2 - t1

@@ -66,7 +66,16 @@ def clip_logits(
     ``params`` replaces the model's own parameters (``torch.func.functional_call``): how
     calibration evaluates a merge it is still learning.
     """
-    pixels = normalize_pixels(x01, normalize)
+    return normalized_clip_logits(vision_model, head, normalize_pixels(x01, normalize), params)
+
+
+def normalized_clip_logits(
+    vision_model: nn.Module,
+    head: nn.Module,
+    pixels: torch.Tensor,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`clip_logits` of inputs already normalised (a perturbation added after it)."""
     if params is None:
         return head(vision_model(pixel_values=pixels).pooler_output)
     from torch.func import functional_call

@@ -1,11 +1,13 @@
 """CLIP adapter: a ``CLIPVisionModel`` with each task's frozen zero-shot head, from a zoo.
 
 The logits are the evaluation's own (:func:`dam_mergekit.scoring.clip.clip_logits`).
-The perturbation is added to x (pixel space, before normalisation) and x + delta is clamped to
-[0, 1], so a perturbed input is always a valid image.
+By default the perturbation is added to x (pixel space, before normalisation) and x + delta is
+clamped to [0, 1], so a perturbed input is always a valid image. With ``perturb: normalized`` it
+is added, unclamped, to the normalised pixels, as the released DAM code does (mode
+``as_released`` sets it).
 
 Options (``adapter_options``): ``tasks`` (subset of the zoo's tasks), ``split`` (the unlabeled
-images to use, default ``calib_x``).
+images to use, default ``calib_x``), ``perturb`` (``pixels`` or ``normalized``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ import torch
 from dam_mergekit.calibrate.adapters.base import CalibrationAdapter
 from dam_mergekit.calibrate.perturb import PerturbationSpace
 from dam_mergekit.errors import DamError
-from dam_mergekit.scoring.clip import ClipHead, clip_logits, read_head
+from dam_mergekit.scoring.clip import (
+    ClipHead,
+    clip_logits,
+    normalize_pixels,
+    normalized_clip_logits,
+    read_head,
+)
 from dam_mergekit.scoring.zoo_format import read_calibration_manifest, select_tasks
+
+PERTURB_SPACES = ("pixels", "normalized")
 
 
 class ClipAdapter(CalibrationAdapter):
@@ -37,6 +47,12 @@ class ClipAdapter(CalibrationAdapter):
         if split not in ("calib_x", "test_x", "train_x"):
             raise DamError(
                 f"adapter option split must be calib_x, test_x or train_x, got {split!r}"
+            )
+        self.perturb = self.options.get("perturb", "pixels")
+        if self.perturb not in PERTURB_SPACES:
+            raise DamError(
+                f"adapter option perturb must be one of {', '.join(PERTURB_SPACES)}, got "
+                f"{self.perturb!r}"
             )
         self._tasks = select_tasks(manifest, self.options.get("tasks"), str(self.zoo))
         self.normalize = manifest.get("normalize") or {"mean": [0.0] * 3, "std": [1.0] * 3}
@@ -67,11 +83,20 @@ class ClipAdapter(CalibrationAdapter):
         return (images[idx].float() / 255.0).to(self.device)
 
     def perturbation_space(self, task: str) -> PerturbationSpace:
-        return PerturbationSpace(tuple(self.images[task].shape[1:]), low=0.0, high=1.0)
+        shape = tuple(self.images[task].shape[1:])
+        if self.perturb == "normalized":
+            return PerturbationSpace(shape)
+        return PerturbationSpace(shape, low=0.0, high=1.0)
 
     def logits(self, model, params, task, batch, delta=None):
+        head = self.heads[task]
+        if delta is not None and self.perturb == "normalized":
+            pixels = self.perturbation_space(task).apply(
+                normalize_pixels(batch, self.normalize), delta
+            )
+            return normalized_clip_logits(model, head, pixels, params=params)
         x = batch if delta is None else self.perturbation_space(task).apply(batch, delta)
-        return clip_logits(model, self.heads[task], x, self.normalize, params=params)
+        return clip_logits(model, head, x, self.normalize, params=params)
 
     def activation_bytes(self, batch_size: int) -> int:
         from dam_mergekit.calibrate.estimate import clip_activation_bytes
