@@ -295,3 +295,13 @@ def test_hf_to_openclip_needs_the_projection(tmp_path):
     with pytest.raises(DamError, match="visual_projection.weight"):
         convert_hf_to_openclip(tmp_path / "noproj", tmp_path / "v.safetensors")
     assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_a_missing_or_broken_model_config_is_one_line(tmp_path):
+    from dam_mergekit.convert.openclip import load_openclip_config
+
+    with pytest.raises(DamError, match="model config not found"):
+        load_openclip_config(model_config=tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DamError, match="bad.json: not valid JSON"):
+        load_openclip_config(model_config=tmp_path / "bad.json")

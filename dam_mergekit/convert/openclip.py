@@ -103,18 +103,23 @@ class VisionSpec:
 # configs
 
 
+def _read_json(path: Path, missing: str) -> dict:
+    """A JSON file's content, or a one-line DamError (``missing`` when there is no file)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamError(missing) from None
+    except json.JSONDecodeError as err:
+        raise DamError(f"{path}: not valid JSON ({err})") from None
+
+
 def load_openclip_config(model: str | None = None, model_config: str | Path | None = None) -> dict:
     """An open_clip model config: a built-in one by name (no download) or a JSON file."""
     if (model is None) == (model_config is None):
         raise DamError("give exactly one of --model NAME or --model-config FILE.json")
     if model_config is not None:
         path = Path(model_config)
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DamError(f"{path}: model config not found") from None
-        except json.JSONDecodeError as err:
-            raise DamError(f"{path}: not valid JSON ({err})") from None
+        cfg = _read_json(path, f"{path}: model config not found")
         cfg = cfg.get("model_cfg", cfg)  # open_clip_config.json wraps it
         where = str(path)
     else:
@@ -543,12 +548,7 @@ def convert_hf_to_openclip(
     if out_file.suffix != ".safetensors":
         raise DamError(f"{out_file}: the output must be a .safetensors file")
     config_path = hf_dir / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DamError(f"{config_path}: not found; is {hf_dir} a transformers model?") from None
-    except json.JSONDecodeError as err:
-        raise DamError(f"{config_path}: not valid JSON ({err})") from None
+    config = _read_json(config_path, f"{config_path}: not found; is {hf_dir} a transformers model?")
     spec = spec_from_hf_config(config, str(config_path))
     visual = hf_to_openclip(read_model_dir(hf_dir, allow_pickle=allow_pickle), spec, str(hf_dir))
     metadata = {"format": "pt", "open_clip_model_cfg": json.dumps(openclip_config_from_spec(spec))}
