@@ -33,6 +33,7 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
         "distill",
         "dam",
         "dam_as_released",
+        "dam_as_published",
         "awm",
         "task_arithmetic_dam_coefficients",
     } <= names
@@ -62,6 +63,11 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
         assert cal["mode"] == mode and cal["steps"] == QUICK["steps"] and cal["seed"] == 1000
         assert (out / "work" / "seed0" / f"{name}-calibration.masks.safetensors").is_file()
         assert "merge_method: dam" in (out / "recipes" / "seed0" / f"{name}.yml").read_text()
+    work = out / "work" / "seed0"
+    published = yaml.safe_load((work / "dam_as_published-calibration.yml").read_text())
+    objectives = ("perf_loss", "safe_loss", "trigger_search")
+    assert [published[k] for k in objectives] == ["entropy", "entropy", "untargeted"]
+    assert published["mode"] == "dam" and published["alpha"] == 3.0
 
 
 def test_bench_seeds_are_split_into_development_and_test(tiny_zoo, tmp_path):  # noqa: F811

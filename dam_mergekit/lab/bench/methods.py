@@ -17,7 +17,9 @@ Methods (settings fixed here, from the literature, not tuned on any zoo):
 - ``dam``: DAM with the package's default calibration for the zoo's kind (``clip`` or
   ``causal_lm``; see docs/calibration.md), seeded with the zoo's calibration seed
   (:func:`dam_mergekit.lab.protocol.calibration_seed`, or ``bench --calib-seeds``); the guarded
-  merge calibrates first, so its seconds include calibration. ``dam_as_released``: the released algorithm.
+  merge calibrates first, so its seconds include calibration. ``dam_as_released``: the released
+  algorithm (its own 1000 + 1000 steps); ``dam_as_published``: DAM's two masks with the
+  published objectives (clean and perturbed entropy, untargeted trigger search).
   ``dam_masks_only`` and ``dam_coefficients_only``: DAM's ablations (only one part learned).
 - ``awm``: post-hoc adversarial weight masking: one mask on the task-arithmetic merge's task
   vector, learned by the same calibration against the proxy trigger (:func:`awm_recipe`).
@@ -260,6 +262,12 @@ _LEARNED_MERGES: dict[str, dict[str, Any]] = {"distill": {"alpha": 0.0}}
 _CALIBRATED: dict[str, dict[str, Any]] = {
     "dam": {},
     "dam_as_released": {"mode": "as_released"},
+    # DAM's two masks with the published objectives (the package's other settings)
+    "dam_as_published": {
+        "perf_loss": "entropy",
+        "safe_loss": "entropy",
+        "trigger_search": "untargeted",
+    },
     "dam_masks_only": {"train": "masks"},  # ablation: coefficients fixed at coef_init
     "dam_coefficients_only": {"train": "coefficients"},  # ablation: masks all-ones
 }
