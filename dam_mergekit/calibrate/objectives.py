@@ -163,7 +163,7 @@ class ReleasedObjective:
         return state.draw(grad=False)
 
     def begin_final(self, run):
-        run.reset_coefficients(new_optimizer=True, lr=self.cfg.lr_coef_final or self.cfg.lr_coef)
+        run.reset_coefficients(new_optimizer=True, lr=self.cfg.lr_coef_final)
 
     def final_step(self, run, masks):
         """AdaMerging on clean entropy, no reset between steps."""
