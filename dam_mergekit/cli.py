@@ -17,6 +17,7 @@ from dam_mergekit import __version__
 # Stage modules that contribute subcommands, in the order of the data path.
 COMMAND_MODULES = (
     "dam_mergekit.lab.zoo.cli",
+    "dam_mergekit.audit.cli",
     "dam_mergekit.masks.cli",
     "dam_mergekit.calibrate.cli",
     "dam_mergekit.calibrate.estimate",

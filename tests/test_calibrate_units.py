@@ -298,7 +298,7 @@ def test_distill_pairs_tasks_with_their_own_experts(tmp_path):
     data = yaml.safe_load(open(settings.calibration))
     data["adapter_options"] = {"tasks": calib.tasks[:1]}
     open(settings.calibration, "w").write(yaml.safe_dump(data))
-    with pytest.raises(DamError, match="perf_loss distill needs each task's own expert"):
+    with pytest.raises(DamError, match="each task needs its own expert"):
         Calibrator(plan2, CalibrationConfig.load(settings.calibration), progress=False)
 
 
@@ -316,7 +316,7 @@ def test_distill_with_one_expert_teaches_every_task(tmp_path):
         log=logs.append,
     )
     assert calib.teacher_of == {"alpha": 0, "beta": 0}
-    assert any("teacher of every task (alpha, beta)" in line for line in logs)
+    assert any("own expert of every task (alpha, beta)" in line for line in logs)
     assert calib.run(write=False).history[0]["L_perf"] >= 0
 
 

@@ -56,6 +56,7 @@ from dam_mergekit.calibrate.config import CalibrationConfig
 from dam_mergekit.calibrate.estimate import peak_memory_bytes
 from dam_mergekit.calibrate.models import check_experts
 from dam_mergekit.calibrate.objectives import MaskDraw, Step, objective_for
+from dam_mergekit.calibrate.pairing import task_experts
 from dam_mergekit.calibrate.perturb import Perturbations
 from dam_mergekit.calibrate.state import LocalState, StateInputs, coefficient_row, full
 from dam_mergekit.errors import DamError
@@ -170,33 +171,12 @@ class Calibrator:
         self.teacher_of = self._teachers() if self.objective.distills else {}
 
     def _teachers(self) -> dict[str, int]:
-        """Each task's own expert (``perf_loss: distill``): by directory name, else recipe order.
-
-        One expert is every task's teacher: then the clean loss keeps the masked model close to
-        that expert on every task (the bench's ``awm`` row, whose one expert is a merge).
-        """
-        names = [Path(d).name for d in self.expert_dirs]
-        if all(names.count(t) == 1 for t in self.tasks):
-            return {t: names.index(t) for t in self.tasks}
-        if len(self.tasks) == self.n:
-            self.log(
-                "calibration: perf_loss distill pairs tasks and experts in recipe order: "
-                + ", ".join(
-                    f"{t}<-{e}"
-                    for t, e in zip(self.tasks, map(str, self.plan.experts), strict=True)
-                )
-            )
-            return {t: i for i, t in enumerate(self.tasks)}
-        if self.n == 1:
-            self.log(
-                f"calibration: perf_loss distill: the one expert {self.plan.experts[0]} is the "
-                f"teacher of every task ({', '.join(self.tasks)})"
-            )
-            return dict.fromkeys(self.tasks, 0)
-        raise DamError(
-            f"perf_loss distill needs each task's own expert, but the {len(self.tasks)} tasks "
-            f"({', '.join(self.tasks)}) match neither the {self.n} experts' directory names "
-            f"({', '.join(names)}) nor their number"
+        """Each task's own expert, the teacher of ``perf_loss: distill``."""
+        return task_experts(
+            self.tasks,
+            list(map(str, self.plan.experts)),
+            list(self.expert_dirs),
+            lambda msg: self.log(f"calibration: perf_loss distill: {msg}"),
         )
 
     # -- memory ------------------------------------------------------------------------------------
