@@ -112,3 +112,38 @@ def test_cli_calibrate(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["calibrate", str(recipe), "--no-progress"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_audit_inside_calibration_reaches_mask_file_inspect_and_card(tmp_path, capsys):
+    """``audit:`` runs the pre-merge audit first; its verdicts are in the mask file, in
+    ``masks inspect`` and in the merged model's card."""
+    from dam_mergekit.cli import main
+
+    zoo = write_clip_zoo(tmp_path)
+    audit = {"patch_steps": 4, "universal_steps": 4, "held_out": 16}
+    recipe = write_recipe(tmp_path, zoo, {**FAST, "audit": audit})
+    result, _, plan, mask_path = _calibrate_and_merge(tmp_path, recipe)
+    assert [e["task"] for e in result.audit["experts"]] == ["alpha", "beta"]
+    stored = MaskFile(mask_path)
+    assert stored.audit == json.loads(json.dumps(result.audit))
+    assert stored.settings["calibration"]["audit"] == audit  # part of what makes masks stale
+    capsys.readouterr()
+    assert main(["masks", "inspect", str(mask_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  audit clean") + out.count("  audit SUSPICIOUS") == 2
+    assert "audit flagged" in out
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "## Defense-Aware Merging" in card
+    for e in result.audit["experts"]:
+        assert f"`{e['expert']}`" in card
+    # without the setting, no audit runs and the recorded settings stay as before
+    plain = write_recipe(tmp_path, zoo, FAST, name="plain")
+    settings = dam_settings(load_recipe(plain))
+    again = ensure_masks(
+        plan_recipe(load_recipe(plain)),
+        mask_path_for(settings.masks, settings.calibration),
+        settings.calibration,
+        progress=False,
+    )
+    assert again.audit is None and "audit" not in again.settings["calibration"]

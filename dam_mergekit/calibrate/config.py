@@ -106,6 +106,9 @@ class CalibrationConfig:
     memory_budget_gb: float | None = None  # refuse when the estimate exceeds it
     checkpoint: str | None = None  # default: next to the mask file
     checkpoint_every: int = 25
+    # the pre-merge audit (dam_mergekit.audit) before training: true, or a mapping of its
+    # settings; its verdicts go into the mask file (unset or false: no audit)
+    audit: bool | dict[str, Any] | None = None
     source: str | None = field(default=None, compare=False)  # where it was read from
 
     # -- loading ---------------------------------------------------------------------------------
@@ -227,6 +230,20 @@ class CalibrationConfig:
                     f"calibration data {path} not found (paths are relative to {os.getcwd()})"
                 )
         check_device(self.device, where)
+        if not (self.audit is None or isinstance(self.audit, (bool, dict))):
+            raise bad(
+                f"audit must be true, false or a mapping of audit settings, got {self.audit!r}"
+            )
+        self.audit_config()  # its own settings are checked too
+
+    def audit_config(self):
+        """The audit to run before training (on the calibration's device), or None."""
+        if not self.audit:
+            return None
+        from dam_mergekit.audit.config import AuditConfig
+
+        raw = {"device": self.device, **(self.audit if isinstance(self.audit, dict) else {})}
+        return AuditConfig.from_dict(raw, where=f"{self.source or 'calibration'}: audit")
 
     def data_paths(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else [str(p) for p in self.data]
@@ -242,14 +259,14 @@ class CalibrationConfig:
         return out
 
 
-OPTIONAL_KEYS = ("lr_coef_final",)
+OPTIONAL_KEYS = ("lr_coef_final", "audit")
 """Settings whose unset value (None) is left out of what a mask file records, so that mask files
 made before the setting existed keep their fingerprint."""
 
 
 def _drop_unset(settings: dict[str, Any]) -> None:
     for key in OPTIONAL_KEYS:
-        if settings.get(key) is None:
+        if settings.get(key) is None or settings.get(key) is False:
             settings.pop(key, None)
 
 

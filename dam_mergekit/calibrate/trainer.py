@@ -89,6 +89,7 @@ class CalibrationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     mask_path: Path | None = None
     resumed_from: int = 0
+    audit: dict[str, Any] | None = None  # the pre-merge audit's report, when one ran
 
 
 def plan_digest(plan) -> str:
@@ -412,6 +413,7 @@ class Calibrator:
         base_rec, expert_recs = model_records(self.plan, allow_pickle=self.allow_pickle)
         settings = self.settings(base_rec, expert_recs)
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+        audit = self.run_audit()
         self._setup()
         timings = dict.fromkeys(("coefficients", "perturbation", "masks", "final"), 0.0)
         start, history = self._resume(key)
@@ -446,8 +448,23 @@ class Calibrator:
         bar.close()
         timings["total"] = time.perf_counter() - t_all
         mask_set, merged = self._finish(masks)
-        path = self._write(mask_set, settings, history, timings, base_rec, expert_recs, write)
-        return CalibrationResult(mask_set, merged, settings, history, timings, path, start)
+        path = self._write(
+            mask_set, settings, history, timings, (base_rec, expert_recs), write, audit
+        )
+        return CalibrationResult(mask_set, merged, settings, history, timings, path, start, audit)
+
+    def run_audit(self) -> dict[str, Any] | None:
+        """The pre-merge audit of every expert (``audit`` setting), logged as its table."""
+        config = self.cfg.audit_config()
+        if config is None:
+            return None
+        from dam_mergekit.audit.report import format_table
+        from dam_mergekit.audit.run import Auditor
+
+        report = Auditor(self.plan, self.cfg, config, log=self.log).run(progress=self.progress)
+        if self.layout.rank == 0:
+            self.log("calibration: pre-merge audit\n" + format_table(report))
+        return report.to_json()
 
     def _mask_phase_step(self, step: int, timings: dict[str, float]) -> dict[str, float]:
         """Coefficients, perturbations, masks: one step of the first phase, timed per stage."""
@@ -514,10 +531,9 @@ class Calibrator:
                 )
         return mask_set, merged
 
-    def _write(
-        self, masks, settings, history, timings, base_rec, expert_recs, write
-    ) -> Path | None:
+    def _write(self, masks, settings, history, timings, records, write, audit) -> Path | None:
         """Process 0 writes the mask file and its history; every process drops its checkpoint."""
+        base_rec, expert_recs = records
         path = None
         if write and self.mask_path is not None and self.layout.rank == 0:
             path = write_mask_file(
@@ -527,6 +543,7 @@ class Calibrator:
                 experts=expert_recs,
                 tensor_shapes=self.shapes,
                 settings=settings,
+                audit=audit,
             )
             _write_json(
                 self.mask_path.with_name(self.mask_path.name + ".history.json"),

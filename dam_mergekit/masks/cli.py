@@ -104,10 +104,23 @@ def summarize(path: str) -> dict:
         "experts": mf.header["experts"],
         "m2_shared": mf.header.get("m2_shared", False),
         "settings": mf.settings,
+        "audit": mf.audit,
         "m1_kept": kept_m1 / total,
         "kept_per_model": [k / total for k in kept_model],
         "tensors": rows,
     }
+
+
+def audit_verdicts(audit: dict | None) -> dict[str, str]:
+    """Each audited expert's verdict as a short suffix for its line."""
+    out = {}
+    for e in (audit or {}).get("experts", []):
+        if "score" in e:
+            word = "SUSPICIOUS" if e["flagged"] else "clean"
+            out[e["expert"]] = (
+                f"  audit {word} (index {e['score']:.2f}, class {e['suspected_class']})"
+            )
+    return out
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -117,10 +130,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"mask file {info['path']}")
     print(f"  base    {info['base']['model']}  {info['base']['fingerprint'][:23]}")
+    verdicts = audit_verdicts(info["audit"])
     for i, e in enumerate(info["experts"]):
         print(
             f"  expert {i} {e['model']}  {e['fingerprint'][:23]}  "
-            f"kept {100 * info['kept_per_model'][i]:.1f}% (M1*M2)"
+            f"kept {100 * info['kept_per_model'][i]:.1f}% (M1*M2){verdicts.get(e['model'], '')}"
+        )
+    if info["audit"] is not None:
+        flagged = info["audit"].get("flagged", [])
+        print(
+            f"  audit flagged {len(flagged)} expert(s) before merging{': ' if flagged else ''}"
+            + ", ".join(flagged)
         )
     print(
         f"  M1 keeps {100 * info['m1_kept']:.1f}% of task-vector entries"

@@ -73,6 +73,7 @@ def write_mask_file(
     tensor_shapes: Mapping[str, Sequence[int]],
     settings: Mapping[str, Any] | None = None,
     soft_dtype: torch.dtype = torch.float32,
+    audit: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``masks`` atomically (temporary file, then rename) and return the path.
 
@@ -122,6 +123,8 @@ def write_mask_file(
         "settings": dict(settings or {}),
         "tensors": entries,
     }
+    if audit is not None:  # the pre-merge audit's report (verdict per expert)
+        header["audit"] = dict(audit)
     with staged_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
     return path
@@ -251,6 +254,11 @@ class MaskFile:
     @property
     def experts(self) -> list[ModelRecord]:
         return [ModelRecord(**e) for e in self.header["experts"]]
+
+    @property
+    def audit(self) -> dict[str, Any] | None:
+        """The pre-merge audit's report, when the calibration ran one."""
+        return self.header.get("audit")
 
     @property
     def settings(self) -> dict[str, Any]:

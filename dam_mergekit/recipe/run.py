@@ -80,7 +80,20 @@ def run_merge(merge_config, out_path: str, options=None, config_source: str | No
     check_output_path(out)
     preflight(merge_config, options)
     with staged_output(out) as staging, _card_for(out.name):
-        return original(merge_config, str(staging), options, config_source)
+        result = original(merge_config, str(staging), options, config_source)
+        _add_card_section(staging, merge_config)
+        return result
+
+
+def _add_card_section(folder: Path, merge_config) -> None:
+    """The mask file's story (kept fractions, audit verdicts) at the end of mergekit's card."""
+    from dam_mergekit.masks.card import card_section
+
+    settings = dam_settings(merge_config)
+    card = folder / "README.md"
+    if card.is_file():
+        section = card_section(mask_path_for(settings.masks, settings.calibration))
+        card.write_text(card.read_text(encoding="utf-8") + section, encoding="utf-8")
 
 
 def check_output_path(out: Path) -> None:
