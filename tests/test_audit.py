@@ -169,3 +169,64 @@ def test_audit_command_refuses_before_writing(tmp_path, capsys, monkeypatch, ext
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_trigger_source_audit_needs_the_audit():
+    from dam_mergekit.calibrate.config import CalibrationConfig
+
+    with pytest.raises(DamError, match="trigger_source audit needs"):
+        CalibrationConfig(data=".", trigger_source="audit").check()
+    with pytest.raises(DamError, match="trigger_source must be"):
+        CalibrationConfig(data=".", trigger_source="proxy").check()
+
+
+def test_audit_triggers_hold_clean_experts_and_unlearn_flagged_ones():
+    from dam_mergekit.audit.run import AuditReport
+    from dam_mergekit.calibrate.audit_safety import FROZEN_LOGIT, AuditTriggers
+
+    flagged, clean = patch_audit(True), patch_audit(False)
+    flagged.index, clean.index = 1, 0
+    judge([flagged, clean], threshold=0.55)
+    triggers = AuditTriggers(AuditReport([clean, flagged], {}, 0.0), experts=3)
+    assert triggers.learns == [False, True, False]
+    logits = {"w": torch.zeros(3, 4, 5, requires_grad=True)}
+    triggers.hold_clean(logits)
+    assert torch.all(logits["w"][[0, 2]] == FROZEN_LOGIT) and torch.all(logits["w"][1] == 0)
+    logits["w"].grad = torch.ones(3, 4, 5)
+    triggers.drop_clean_gradients(logits)
+    assert logits["w"].grad[[0, 2]].abs().sum() == 0 and torch.all(logits["w"].grad[1] == 1)
+    # the safety term: the backdoored model answers class 0 on triggered inputs, far from the
+    # clean answer; a task without a flagged expert pays nothing
+    gen = torch.Generator().manual_seed(5)
+    x = images(16, gen)
+    model = colour_model(True)
+    clean_logits = model(x, None)
+    cost = triggers.safety(model, "colours", x, clean_logits, None)
+    assert cost > 1.0
+    assert triggers.safety(model, "digits", x, clean_logits, None) == 0
+
+
+@pytest.mark.slow
+def test_calibration_against_audit_triggers_keeps_unflagged_experts_whole(tmp_path):
+    from dam_mergekit.calibrate.config import CalibrationConfig
+    from dam_mergekit.calibrate.trainer import Calibrator
+    from dam_mergekit.masks import MaskFile
+    from dam_mergekit.recipe.load import dam_settings, load_recipe
+    from dam_mergekit.recipe.plan import plan_recipe
+
+    zoo = write_clip_zoo(tmp_path)
+    audit = {"patch_steps": 6, "held_out": 16, "threshold": 0.01}
+    recipe = write_recipe(tmp_path, zoo, {**FAST, "audit": audit, "trigger_source": "audit"})
+    config = load_recipe(recipe)
+    calibration = CalibrationConfig.load(dam_settings(config).calibration)
+    masks = tmp_path / "masks.safetensors"
+    result = Calibrator(plan_recipe(config), calibration, mask_path=masks, progress=False).run()
+    verdicts = [e["flagged"] for e in result.audit["experts"]]
+    assert any(verdicts) and not all(verdicts), verdicts  # both paths run
+    assert any(h["L_safe"] > 0 for h in result.history)  # the flagged expert's triggers are paid
+    stored = MaskFile(masks)
+    for i, flagged in enumerate(verdicts):
+        kept = [stored.kept_fraction(name, i) / stored.kept_fraction(name) for name in stored.names]
+        if not flagged:  # an expert the audit found clean keeps all of M2
+            assert all(k == pytest.approx(1.0) for k in kept), (i, kept)
+    assert result.history[0]["flips"] == 0.0  # no proxy perturbation is searched

@@ -42,8 +42,19 @@ class Inverted:
 
     target: int
     flip_rate: float  # share of held-out inputs not already in ``target`` that it sends there
-    trigger: torch.Tensor
-    reference_rate: float = 0.0  # the same trigger's flip rate on the reference model (the base)  # patch: mask * pattern [C, H, W]; universal: the perturbation
+    trigger: torch.Tensor  # for pictures: patch: mask * pattern [C, H, W]; universal: delta
+    reference_rate: float = 0.0  # the same trigger's flip rate on the reference model (the base)
+    mask: torch.Tensor | None = None  # patch: the mask [1, H, W]; universal: None
+    pattern: torch.Tensor | None = None  # patch: the pattern; universal: the perturbation
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        """What the trigger adds to a batch ``x`` (the adapter's ``delta``)."""
+        if self.pattern is None:
+            raise ValueError("this inverted trigger kept no parameters")
+        pattern = self.pattern.to(x.device)
+        if self.mask is None:
+            return pattern
+        return self.mask.to(x.device) * (pattern - x)
 
 
 def supports_patch(space: PerturbationSpace) -> bool:
@@ -59,6 +70,8 @@ class Trigger(Protocol):
     def step(self, loss: torch.Tensor) -> None: ...
 
     def pictures(self) -> torch.Tensor: ...
+
+    def pieces(self) -> tuple[torch.Tensor | None, torch.Tensor]: ...
 
 
 class PatchTrigger:
@@ -97,6 +110,12 @@ class PatchTrigger:
             mask, pattern = self.parts()
             return (mask * pattern).cpu()
 
+    def pieces(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(masks, patterns), one per class, detached."""
+        with torch.no_grad():
+            mask, pattern = self.parts()
+            return mask.detach(), pattern.detach()
+
 
 class UniversalTrigger:
     """One additive perturbation per class, each projected into the L2 ball of radius ``eps``."""
@@ -122,6 +141,9 @@ class UniversalTrigger:
 
     def pictures(self) -> torch.Tensor:
         return self.delta.detach().cpu()
+
+    def pieces(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return None, self.delta.detach()
 
 
 def invert(
@@ -168,8 +190,16 @@ def _invert_together(forward, fit, held_out, targets, make_trigger, reference) -
             _flip_rates(reference, held_out, tiled(held_out), edit, targets) if reference else None
         )
     pictures = trigger.pictures()
+    masks, patterns = trigger.pieces()
     return [
-        Inverted(t, rates[k], pictures[k], 0.0 if base is None else base[k])
+        Inverted(
+            t,
+            rates[k],
+            pictures[k],
+            0.0 if base is None else base[k],
+            None if masks is None else masks[k],
+            patterns[k],
+        )
         for k, t in enumerate(targets)
     ]
 

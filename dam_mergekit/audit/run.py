@@ -43,6 +43,7 @@ class ExpertAudit:
     task: str
     inverted: dict[str, dict[float, list[Inverted]]] = field(default_factory=dict)
     verdict: ExpertVerdict | None = None
+    index: int = -1  # the expert's place in the recipe
 
     @property
     def rates(self) -> dict[str, dict[float, list[float]]]:
@@ -138,7 +139,7 @@ class Auditor:
     def audit_expert(self, index: int, bar) -> ExpertAudit:
         task = self.task_of[index]
         expert = load_tensors(self.expert_dirs[index], self.names, self.device)
-        audit = ExpertAudit(str(self.plan.experts[index]), task)
+        audit = ExpertAudit(str(self.plan.experts[index]), task, index=index)
         for family in self.families(task):
             audit.inverted[family] = {}
             for scale in self.cfg.scales:

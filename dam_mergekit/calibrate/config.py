@@ -109,6 +109,10 @@ class CalibrationConfig:
     # the pre-merge audit (dam_mergekit.audit) before training: true, or a mapping of its
     # settings; its verdicts go into the mask file (unset or false: no audit)
     audit: bool | dict[str, Any] | None = None
+    # where the safety term's triggers come from: unset, the universal proxy perturbation searched
+    # during calibration; "audit": the audit's inverted triggers of the experts it flags, and only
+    # those experts' M2 learn (mode dam, one process)
+    trigger_source: str | None = None
     source: str | None = field(default=None, compare=False)  # where it was read from
 
     # -- loading ---------------------------------------------------------------------------------
@@ -235,6 +239,10 @@ class CalibrationConfig:
                 f"audit must be true, false or a mapping of audit settings, got {self.audit!r}"
             )
         self.audit_config()  # its own settings are checked too
+        if self.trigger_source not in (None, "search", "audit"):
+            raise bad(f"trigger_source must be search or audit, got {self.trigger_source!r}")
+        if self.trigger_source == "audit" and (not self.audit or self.mode != "dam"):
+            raise bad("trigger_source audit needs mode dam and the audit (audit: true)")
 
     def audit_config(self):
         """The audit to run before training (on the calibration's device), or None."""
@@ -259,7 +267,7 @@ class CalibrationConfig:
         return out
 
 
-OPTIONAL_KEYS = ("lr_coef_final", "audit")
+OPTIONAL_KEYS = ("lr_coef_final", "audit", "trigger_source")
 """Settings whose unset value (None) is left out of what a mask file records, so that mask files
 made before the setting existed keep their fingerprint."""
 

@@ -169,6 +169,9 @@ class Calibrator:
             allow_pickle=allow_pickle,
         )
         self.learn_coef = config.train in ("both", "coefficients")
+        self.audit_triggers = None  # the audit's triggers, with trigger_source: audit
+        if config.trigger_source == "audit" and layout.world > 1:
+            raise DamError("trigger_source audit runs in one process; calibrate without torchrun")
         self.teacher_of = self._teachers() if self.objective.distills else {}
 
     def _teachers(self) -> dict[str, int]:
@@ -276,12 +279,21 @@ class Calibrator:
         h = self.objective.clean_loss(clean, teacher)
         if not perturbed or self.cfg.alpha == 0:
             return h, torch.zeros((), device=h.device)
+        if self.audit_triggers is not None:
+            merged = params if safe_params is None else safe_params
+            return h, self.audit_triggers.safety(
+                lambda x_, delta: self.logits(merged, task, x_, delta), task, x, clean, teacher
+            )
         delta = self.perturb.deltas[task].detach()
         adv = self.logits(params if safe_params is None else safe_params, task, x, delta)
         return h, self.objective.safety_loss(clean, adv)
 
     def coefficient_step(self, masks: MaskDraw, *, perturbed: bool) -> Step:
-        """One Adam step of the coefficients on L_perf (+ alpha * L_safe when ``perturbed``)."""
+        """One Adam step of the coefficients on L_perf (+ alpha * L_safe when ``perturbed``).
+
+        Against the audit's triggers only M2 pays the safety term: the defense must cut what
+        carries the trigger, not shrink whole experts."""
+        perturbed = perturbed and self.audit_triggers is None
         params = self.state.merged_params(masks, self.coef)
         batches = self.batches()
         perf, safety = 0.0, 0.0
@@ -310,8 +322,9 @@ class Calibrator:
     def perturbation_step(self, masks: MaskDraw) -> float:
         """Each task's perturbation ascends the trigger objective; returns the flip rate.
 
-        With ``alpha: 0`` no loss reads the perturbation, so no trigger is searched (rate 0)."""
-        if self.cfg.alpha == 0:
+        With ``alpha: 0``, or the audit's triggers in its place, no loss reads the perturbation,
+        so none is searched (rate 0)."""
+        if self.cfg.alpha == 0 or self.audit_triggers is not None:
             return 0.0
         with torch.no_grad():
             params = self.state.merged_params(masks, self.coef.detach())
@@ -352,6 +365,8 @@ class Calibrator:
             alpha=self.cfg.alpha,
             m1_learns_safety=not self.objective.two_masks,
         )
+        if self.audit_triggers is not None:
+            self.audit_triggers.drop_clean_gradients(self.state.m2_logits)
         masks = [opt for tag, opt in self.optimizers.items() if tag != "c" and opt is not None]
         for opt in masks:
             opt.step()
@@ -415,6 +430,8 @@ class Calibrator:
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
         audit = self.run_audit()
         self._setup()
+        if self.audit_triggers is not None:
+            self.audit_triggers.hold_clean(self.state.m2_logits)
         timings = dict.fromkeys(("coefficients", "perturbation", "masks", "final"), 0.0)
         start, history = self._resume(key)
         bar = tqdm(
@@ -464,6 +481,10 @@ class Calibrator:
         report = Auditor(self.plan, self.cfg, config, log=self.log).run(progress=self.progress)
         if self.layout.rank == 0:
             self.log("calibration: pre-merge audit\n" + format_table(report))
+        if self.cfg.trigger_source == "audit":
+            from dam_mergekit.calibrate.audit_safety import AuditTriggers
+
+            self.audit_triggers = AuditTriggers(report, self.n)
         return report.to_json()
 
     def _mask_phase_step(self, step: int, timings: dict[str, float]) -> dict[str, float]:

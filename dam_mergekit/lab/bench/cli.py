@@ -17,7 +17,7 @@ from dam_mergekit.lab.claims import DAM_CUT
 
 # Rows the demo leaves to `bench`: the released algorithm runs its own 1000 + 1000 steps, which
 # would take the demo past ten minutes on two cores.
-DEMO_LEAVES_OUT = ("dam_as_released",)
+DEMO_LEAVES_OUT = ("dam_as_released", "dam_audit")
 
 
 def parse_seeds(text: str | None, option: str = "--seeds") -> list[int] | None:

@@ -268,6 +268,8 @@ _CALIBRATED: dict[str, dict[str, Any]] = {
         "safe_loss": "entropy",
         "trigger_search": "untargeted",
     },
+    # M2 learned against the pre-merge audit's inverted triggers; only flagged experts' M2 learn
+    "dam_audit": {"audit": True, "trigger_source": "audit"},
     "dam_masks_only": {"train": "masks"},  # ablation: coefficients fixed at coef_init
     "dam_coefficients_only": {"train": "coefficients"},  # ablation: masks all-ones
 }
