@@ -234,6 +234,10 @@ class CalibrationConfig:
                     f"calibration data {path} not found (paths are relative to {os.getcwd()})"
                 )
         check_device(self.device, where)
+        self._check_audit(bad)
+
+    def _check_audit(self, bad) -> None:
+        """The audit settings and what trigger_source needs of them."""
         if not (self.audit is None or isinstance(self.audit, (bool, dict))):
             raise bad(
                 f"audit must be true, false or a mapping of audit settings, got {self.audit!r}"
