@@ -230,3 +230,20 @@ def test_calibration_against_audit_triggers_keeps_unflagged_experts_whole(tmp_pa
         if not flagged:  # an expert the audit found clean keeps all of M2
             assert all(k == pytest.approx(1.0) for k in kept), (i, kept)
     assert result.history[0]["flips"] == 0.0  # no proxy perturbation is searched
+
+
+@pytest.mark.parametrize("command", ["audit", "calibrate"])
+def test_audit_and_calibrate_need_a_dam_recipe_with_a_calibration_file(tmp_path, capsys, command):
+    import yaml
+
+    zoo = write_clip_zoo(tmp_path)
+    recipe = yaml.safe_load(write_recipe(tmp_path, zoo, dict(FAST)).read_text())
+    plain = dict(recipe, merge_method="task_arithmetic", parameters={})
+    no_file = dict(recipe, parameters={"lambda": 1.0, "masks": str(tmp_path / "m.safetensors")})
+    for name, body, match in (("ta", plain, "not dam"), ("nofile", no_file, "calibration: FILE")):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(body))
+        capsys.readouterr()
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1, err

@@ -63,17 +63,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dam_mergekit.audit.report import format_table, save_pictures, write_json
     from dam_mergekit.audit.run import Auditor
     from dam_mergekit.calibrate.config import CalibrationConfig
-    from dam_mergekit.recipe.load import dam_settings, is_dam, load_recipe
+    from dam_mergekit.recipe.load import load_calibrated_recipe
     from dam_mergekit.recipe.plan import plan_recipe
 
-    recipe = load_recipe(args.recipe)
-    if not is_dam(recipe):
-        raise DamError(f"{args.recipe}: merge_method is {recipe.merge_method!r}, not dam")
-    settings = dam_settings(recipe)
-    if settings.calibration is None:
-        raise DamError(
-            f"{args.recipe}: no `parameters: {{calibration: FILE}}`; the audit reads its data"
-        )
+    recipe, settings = load_calibrated_recipe(args.recipe, "the audit reads its data")
     calibration = CalibrationConfig.load(settings.calibration)
     config = config_from_args(args, calibration.device)
     check_outputs(args.json, args.pictures)

@@ -6,7 +6,6 @@ import argparse
 import os
 
 from dam_mergekit.calibrate.launch import PARALLEL_ENV, PARALLEL_MODES, is_main_process
-from dam_mergekit.errors import DamError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,19 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from dam_mergekit.calibrate.hook import ensure_masks
-    from dam_mergekit.recipe.load import dam_settings, is_dam, load_recipe, mask_path_for
+    from dam_mergekit.recipe.load import load_calibrated_recipe, mask_path_for
     from dam_mergekit.recipe.plan import plan_recipe
 
     if args.parallel:
         os.environ[PARALLEL_ENV] = args.parallel
-    config = load_recipe(args.recipe)
-    if not is_dam(config):
-        raise DamError(f"{args.recipe}: merge_method is {config.merge_method!r}, not dam")
-    settings = dam_settings(config)
-    if settings.calibration is None:
-        raise DamError(
-            f"{args.recipe}: no `parameters: {{calibration: FILE}}`; nothing to calibrate"
-        )
+    config, settings = load_calibrated_recipe(args.recipe, "nothing to calibrate")
     allow_pickle = settings.allow_pickle
     plan = plan_recipe(config, allow_pickle=allow_pickle)
     path = mask_path_for(settings.masks, settings.calibration)

@@ -83,3 +83,15 @@ def mask_path_for(masks: str | None, calibration: str | None) -> str:
         "`parameters: {calibration: FILE}` (to learn one); DAM never falls back to plain task "
         "arithmetic"
     )
+
+
+def load_calibrated_recipe(path: str, why: str):
+    """A dam recipe that names a calibration file, and its DAM settings; else a one-line error
+    ending in ``why`` (what the caller needs the calibration file for)."""
+    config = load_recipe(path)
+    if not is_dam(config):
+        raise DamError(f"{path}: merge_method is {config.merge_method!r}, not dam")
+    settings = dam_settings(config)
+    if settings.calibration is None:
+        raise DamError(f"{path}: no `parameters: {{calibration: FILE}}`; {why}")
+    return config, settings
