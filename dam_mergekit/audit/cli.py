@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from dam_mergekit.errors import DamError
@@ -92,11 +91,3 @@ def check_outputs(json_path: str | None, pictures: str | None) -> None:
             raise DamError(f"--json {json_path}: folder {target.parent} does not exist")
     if pictures is not None and Path(pictures).exists() and not Path(pictures).is_dir():
         raise DamError(f"--pictures {pictures}: exists and is not a directory")
-
-
-def load_report(path: str | Path) -> dict:
-    """A report written by ``--json`` (for the bench and the book)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DamError(f"{path}: not an audit report ({err})") from None

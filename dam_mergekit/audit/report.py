@@ -49,14 +49,9 @@ def write_json(report: AuditReport, path: Path) -> None:
 
 def suspected_triggers(expert: ExpertAudit) -> dict[str, torch.Tensor]:
     """Each family's inverted trigger for the suspected class, at the verdict's scale."""
-    v = expert.verdict
-    if v is None:
+    if expert.verdict is None:
         return {}
-    out = {}
-    for family, by_scale in expert.inverted.items():
-        row = by_scale.get(v.scale) or next(iter(by_scale.values()))
-        out[family] = row[v.suspected_class].trigger
-    return out
+    return {family: expert.suspected(family).trigger for family in expert.inverted}
 
 
 def save_pictures(report: AuditReport, folder: Path) -> list[Path]:

@@ -45,6 +45,14 @@ class ExpertAudit:
     verdict: ExpertVerdict | None = None
     index: int = -1  # the expert's place in the recipe
 
+    def suspected(self, family: str | None = None) -> Inverted:
+        """The inverted trigger of the suspected class at the verdict's scale (in ``family``,
+        by default the verdict's own)."""
+        v = self.verdict
+        if v is None:
+            raise ValueError(f"{self.expert} has no verdict")
+        return self.inverted[family or v.family][v.scale][v.suspected_class]
+
     @property
     def rates(self) -> dict[str, dict[float, list[float]]]:
         """family -> scale -> flip rate of each class."""

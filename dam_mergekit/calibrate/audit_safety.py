@@ -31,8 +31,7 @@ class AuditTriggers:
             if v is None or not v.flagged:
                 continue
             self.learns[audit.index] = True
-            found = audit.inverted[v.family][v.scale][v.suspected_class]
-            self.by_task.setdefault(audit.task, []).append(found)
+            self.by_task.setdefault(audit.task, []).append(audit.suspected())
 
     def _rows(self, logits: torch.Tensor) -> torch.Tensor:
         shape = (len(self.learns),) + (1,) * (logits.dim() - 1)
