@@ -35,10 +35,29 @@ def merge_tensor(
     ``coefficients`` the learned per-model scalars (default 1). Gradients flow to every tensor
     argument, so the trainer can pass mask samples and coefficients that require grad.
     """
-    n = len(experts)
-    if n == 0:
+    if len(experts) == 0:
         return base
     deltas = torch.stack([e - base for e in experts])
+    return merge_deltas(base, deltas, weights, lam=lam, m1=m1, m2=m2, coefficients=coefficients)
+
+
+def merge_deltas(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    lam: float | torch.Tensor = 1.0,
+    m1: torch.Tensor | None = None,
+    m2: Sequence[torch.Tensor | None] | None = None,
+    coefficients: Sequence[float] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`merge_tensor` from the stacked task vectors ``[n, ...]`` (``theta_i - theta0``).
+
+    The calibration keeps task vectors rather than experts, possibly in a narrower dtype than
+    the base; they are cast to the base's dtype here, per use.
+    """
+    n = deltas.shape[0]
+    deltas = deltas.to(base.dtype)
     keep = _keep_masks(m1, m2, n, base.dim())
     if keep is not None:
         deltas = deltas * keep

@@ -20,14 +20,23 @@ def _save(model, path: Path) -> None:
 
 
 def write_clip_zoo(
-    root: Path, *, experts: int = 2, seed: int = 0, image: int = 8, calib: int = 24
+    root: Path,
+    *,
+    experts: int = 2,
+    seed: int = 0,
+    image: int = 8,
+    calib: int = 24,
+    config: dict | None = None,
 ) -> Path:
-    """A CLIP zoo: base + one expert per task (base plus random task vectors), heads, data."""
+    """A CLIP zoo: base + one expert per task (base plus random task vectors), heads, data.
+
+    ``config`` overrides the tiny vision tower's shape (the memory benchmark's ViT-B/32 widths).
+    """
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(
+    shape = dict(
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
@@ -36,6 +45,7 @@ def write_clip_zoo(
         patch_size=4,
         projection_dim=8,
     )
+    cfg = CLIPVisionConfig(**{**shape, **(config or {})})
     base = CLIPVisionModel(cfg).eval()
     zoo = root / "zoo"
     _save(base, zoo / "base")
@@ -53,7 +63,7 @@ def write_clip_zoo(
         (zoo / "heads").mkdir(parents=True, exist_ok=True)
         save_file(
             {
-                "projection": torch.randn(8, 16),
+                "projection": torch.randn(8, cfg.hidden_size),
                 "classes": classes,
                 "logit_scale": torch.tensor(20.0),
             },
@@ -90,8 +100,14 @@ def write_clip_zoo(
     return zoo
 
 
-def write_llm_zoo(root: Path, *, seed: int = 0) -> Path:
-    """An LLM zoo: tiny Llama base and two experts, word-level tokenizer, calib prompts only."""
+def write_llm_zoo(
+    root: Path, *, seed: int = 0, config: dict | None = None, prompt_repeat: int = 1
+) -> Path:
+    """An LLM zoo: tiny Llama base and two experts, word-level tokenizer, calib prompts only.
+
+    ``config`` overrides the Llama shape and ``prompt_repeat`` lengthens every prompt (the memory
+    benchmark's Llama widths at the estimate's prompt length); a ``torch_dtype`` in ``config``
+    is the dtype the models are saved in."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -110,18 +126,21 @@ def write_llm_zoo(root: Path, *, seed: int = 0) -> Path:
         pad_token="<pad>",
         unk_token="<unk>",
     )
-    cfg = LlamaConfig(
+    shape = dict(
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
         vocab_size=len(vocab),
-        max_position_embeddings=64,
+        max_position_embeddings=64 * prompt_repeat,
         tie_word_embeddings=False,
     )
+    shape.update(config or {})
+    dtype = getattr(torch, str(shape.pop("torch_dtype", "float32")))
+    cfg = LlamaConfig(**shape)
     zoo = root / "llmzoo"
-    base = LlamaForCausalLM(cfg).eval()
+    base = LlamaForCausalLM(cfg).eval().to(dtype)
     _save(base, zoo / "base")
     tok.save_pretrained(zoo / "base")
     tasks = []
@@ -134,7 +153,8 @@ def write_llm_zoo(root: Path, *, seed: int = 0) -> Path:
     }
     (zoo / "data").mkdir(parents=True, exist_ok=True)
     for name, (answers, prompts) in data.items():
-        expert = LlamaForCausalLM(cfg)
+        prompts = [" ".join([p] * prompt_repeat) for p in prompts]
+        expert = LlamaForCausalLM(cfg).to(dtype)
         with torch.no_grad():
             for (_, p), (_, q) in zip(
                 expert.named_parameters(), base.named_parameters(), strict=True

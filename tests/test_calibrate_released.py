@@ -90,7 +90,8 @@ def test_clip_perturbation_on_normalised_pixels(tmp_path):
 
     calib = _calibrator(tmp_path, {}, {"perturb": "normalized"})
     calib._setup()
-    adapter, model = calib.adapter, calib.state.model
+    adapter = calib.adapter
+    model = adapter.load_model(calib.base_dir)  # the state's model holds no weights of its own
     task = calib.tasks[0]
     x = adapter.sample(task, 4, torch.Generator().manual_seed(0))
     space = adapter.perturbation_space(task)

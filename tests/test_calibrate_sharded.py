@@ -178,7 +178,7 @@ def test_sharded_memory_estimate_falls_with_processes():
     from dam_mergekit.calibrate.estimate import peak_memory_bytes
 
     shapes = [(512, 512)] * 24 + [(512,)] * 24
-    kwargs = dict(experts=4, granularity="element", dual=True, batch_activation_bytes=0, tasks=4)
+    kwargs = dict(experts=4, granularity="element", dual=True, activation_bytes=0, tasks=4)
     one = peak_memory_bytes(shapes, **kwargs)
     two = peak_memory_bytes(shapes, world_size=2, **kwargs)
     eight = peak_memory_bytes(shapes, world_size=8, **kwargs)

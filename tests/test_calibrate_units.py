@@ -413,3 +413,63 @@ def test_ablations_learn_only_their_part(tmp_path):
     open(cal, "w").write(yaml.safe_dump({**data, "train": "masks", "mode": "as_released"}))
     with pytest.raises(DamError, match="ablation of mode dam"):
         CalibrationConfig.load(cal)
+
+
+def test_the_state_holds_task_vectors_and_no_model_copy(tmp_path):
+    """The one-process state keeps the base, the task vectors in delta_dtype and the logits; the
+    model the adapter runs holds none of the merged tensors itself."""
+    _, plan, cal, _ = _setup(tmp_path, delta_dtype="bfloat16")
+    calib = Calibrator(plan, CalibrationConfig.load(cal), progress=False)
+    calib._setup()
+    state = calib.state
+    for name, tensor_state in state.states.items():
+        assert tensor_state.deltas.dtype == torch.bfloat16
+        assert tensor_state.deltas.shape == (calib.n, *calib.shapes[name])
+        assert tensor_state.base.dtype == torch.float32  # the file's dtype: lossless
+        assert state.model.get_parameter(state.pnames[name]).numel() == 0
+    # the teacher is base + task vector: the expert up to bfloat16 rounding of its delta
+    expert = state.expert_params(0)
+    reader = state.readers[1]
+    for name in calib.names:
+        true = reader(name).float()
+        assert torch.allclose(expert[state.pnames[name]], true, atol=2e-3, rtol=0)
+
+
+def test_bfloat16_task_vectors_learn_the_float32_masks(tmp_path):
+    """delta_dtype bfloat16 against float32 on the test zoo (settings that make masks drop
+    entries): at most 1 % of mask entries differ, each learned coefficient (the rescaling
+    unfolded) is within one Adam step (lr_coef 0.01), and each expert's mean within 1e-3."""
+    _, plan, cal, _ = _setup(tmp_path, steps=6, final_steps=2, init_logit=0.3)
+    exact = _run(plan, cal)
+    data = yaml.safe_load(open(cal))
+    data["delta_dtype"] = "bfloat16"
+    open(cal, "w").write(yaml.safe_dump(data))
+    narrow = _run(plan, cal)
+    assert narrow.settings["calibration"]["delta_dtype"] == "bfloat16"
+    assert "delta_dtype" not in exact.settings["calibration"]  # old mask files keep their key
+    differ = total = 0
+    for name in exact.masks.m1:
+        learned = []
+        for run in (exact, narrow):
+            m1, m2 = run.masks.m1[name], run.masks.m2[name]
+            learned.append(
+                concrete.unfold_rescaling(
+                    run.masks.coefficients[name], m1.float(), [m.float() for m in m2], enabled=True
+                )
+            )
+        assert float((learned[0] - learned[1]).abs().max()) <= 0.01, name
+        pairs = [(exact.masks.m1[name], narrow.masks.m1[name])]
+        pairs += list(zip(exact.masks.m2[name], narrow.masks.m2[name], strict=True))
+        for a, b in pairs:
+            differ += int((a != b).sum())
+            total += a.numel()
+    assert 0 < total and differ / total <= 0.01
+    last_exact, last_narrow = exact.history[-1], narrow.history[-1]
+    for i in range(len(plan.experts)):
+        assert abs(last_exact[f"coef_{i}"] - last_narrow[f"coef_{i}"]) <= 1e-3
+
+
+def test_an_unknown_delta_dtype_is_refused(tmp_path):
+    _, plan, cal, mask = _setup(tmp_path, delta_dtype="int8")
+    with pytest.raises(DamError, match="delta_dtype must be one of float32, bfloat16"):
+        CalibrationConfig.load(cal).check()

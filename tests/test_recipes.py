@@ -20,7 +20,12 @@ from _hf4_fixtures import rewrite_as_hf4
 from safetensors.torch import load_file
 
 from dam_mergekit.calibrate.config import CalibrationConfig
-from dam_mergekit.calibrate.estimate import estimate_recipe, peak_memory_bytes, shapes_from_config
+from dam_mergekit.calibrate.estimate import (
+    estimate_recipe,
+    peak_memory_bytes,
+    shapes_from_config,
+    step_activation_bytes,
+)
 from dam_mergekit.cli import main
 from dam_mergekit.errors import DamError
 
@@ -156,7 +161,7 @@ def test_estimate_formula_is_the_trainers(tmp_path):
         experts=2,
         granularity="row",
         dual=True,
-        batch_activation_bytes=trainer.adapter.activation_bytes(4),
+        activation_bytes=step_activation_bytes(zoo / "base", "clip", 4),
         tasks=2,
     )
     assert trainer.estimate_memory() == expected

@@ -25,6 +25,7 @@ SAFE_LOSSES = ("kl", "entropy")
 PERF_LOSSES = ("entropy", "infomax", "distill")
 TRIGGER_SEARCHES = ("untargeted", "targeted")
 TRAIN_PARTS = ("both", "masks", "coefficients", "m2")
+DELTA_DTYPES = ("float32", "bfloat16")
 # What differs from the CalibrationConfig defaults (validated on CLIP zoos) for the built-in
 # causal-LM adapter, and the released code's settings (mode as_released). recipes/ agrees.
 CAUSAL_LM_SETTINGS: dict[str, Any] = {
@@ -104,6 +105,9 @@ class CalibrationConfig:
     seed: int = 0
     device: str = "cpu"
     memory_budget_gb: float | None = None  # refuse when the estimate exceeds it
+    # dtype the task vectors are held in (cast to float32 per use): unset is float32;
+    # "bfloat16" halves the largest part of the state at scale
+    delta_dtype: str | None = None
     checkpoint: str | None = None  # default: next to the mask file
     checkpoint_every: int = 25
     # the pre-merge audit (dam_mergekit.audit) before training: true, or a mapping of its
@@ -224,6 +228,11 @@ class CalibrationConfig:
             )
         if not (low <= self.coef_init <= high):
             raise bad(f"coef_init {self.coef_init} lies outside coef_range {list(self.coef_range)}")
+        if self.delta_dtype not in (None, *DELTA_DTYPES):
+            raise bad(
+                f"delta_dtype must be one of {', '.join(DELTA_DTYPES)} (or unset), "
+                f"got {self.delta_dtype!r}"
+            )
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise bad(f"memory_budget_gb must be > 0, got {self.memory_budget_gb!r}")
         if not self.data:
@@ -271,7 +280,7 @@ class CalibrationConfig:
         return out
 
 
-OPTIONAL_KEYS = ("lr_coef_final", "audit", "trigger_source")
+OPTIONAL_KEYS = ("lr_coef_final", "audit", "trigger_source", "delta_dtype")
 """Settings whose unset value (None) is left out of what a mask file records, so that mask files
 made before the setting existed keep their fingerprint."""
 

@@ -2,16 +2,25 @@
 
 ``peak_memory_bytes`` is the trainer's peak-memory formula (``Calibrator.estimate_memory``) as a
 function of tensor shapes, so it runs from a model's ``config.json`` without any weights: the
-model is built on the meta device and only its float state-dict shapes are read. The activation
-terms are the built-in adapters' own (``clip_activation_bytes``, ``causal_lm_activation_bytes``).
+model is built on the meta device and only its float state-dict shapes are read. The activations of
+one task's step are measured the same way: the built-in adapter's clean and perturbed forwards and
+their backward run on fake tensors, and torch's MemTracker reports their peak
+(``step_activation_bytes``).
+
+The formula follows the state's layout (:mod:`dam_mergekit.calibrate.state`): the base in its
+file's dtype, the task vectors in ``delta_dtype``, the mask logits with their gradients and two
+Adam moments in float32, the merged parameters of one step (twice when the perturbed forward
+runs on a copy with M1 detached) and their gradients, one teacher, one tensor's merge recomputed
+in backward, and one task's clean and perturbed forwards (tasks are backwarded one at a time).
+``benchmarks/bench_calibration.py --sizes`` prints it beside the measured peak.
 
 Compute is counted in forward-pass equivalents (a backward costs two): per task and outer step the
 trainer runs the coefficient step (2 forwards, 2 backwards), the perturbation step (1 + 1 forwards,
 1 backward) and the mask step (2 forwards, 2 backwards), plus one teacher forward in each of the
 coefficient and mask steps with ``perf_loss: distill`` (the default): 18 batch passes; a final
-coefficient step is 11. A forward costs about ``2 * weights * tokens`` FLOPs. Time is that divided by an assumed
-sustained throughput: a lower bound that ignores the per-step merge and Python overhead, and a
-guess about the device, not a measurement.
+coefficient step is 11. A forward costs about ``2 * weights * tokens`` FLOPs. Time is that divided
+by an assumed sustained throughput: a lower bound that ignores the per-step merge and Python
+overhead, and a guess about the device, not a measurement.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import Any
 
 from dam_mergekit.errors import DamError
 
-BYTES_PER_FLOAT = 4  # calibration keeps every tensor in float32
+BYTES_PER_FLOAT = 4  # what is computed (merged tensors, logits, moments) is float32
 PASSES_PER_STEP = 18  # forward equivalents per task and batch row, one outer step
 PASSES_PER_FINAL_STEP = 11
 ASSUMED_TFLOPS = 50.0  # sustained float32/TF32 throughput for the time guess (an H100-class GPU)
@@ -45,59 +54,125 @@ def peak_memory_bytes(
     experts: int,
     granularity: str,
     dual: bool,
-    batch_activation_bytes: int,
+    activation_bytes: int,
     tasks: int,
     world_size: int = 1,
+    base_bytes: int = BYTES_PER_FLOAT,
+    delta_bytes: int = BYTES_PER_FLOAT,
+    distills: bool = True,
 ) -> int:
-    """Bytes a calibration run needs at its peak (the trainer's deliberately generous formula).
+    """Bytes a calibration run needs at its peak, per process.
 
-    With ``world_size > 1`` (the FSDP-sharded trainer) it is the peak of one process: base,
-    experts and logits are split ``world_size`` ways, the model keeps no weights of its own (the
-    merged ones are swapped in), and the merge is recomputed in backward, so its intermediates
-    exist for one tensor (gathered whole) at a time.
+    ``activation_bytes`` is the peak of one task's clean and perturbed forwards and their backward
+    (:func:`step_activation_bytes`): tasks are backwarded one at a time, so ``tasks`` does not
+    multiply it. With ``world_size > 1`` (the FSDP-sharded state) base, task
+    vectors and logits are split ``world_size`` ways and one tensor is gathered whole at a time.
     """
     from dam_mergekit.calibrate.concrete import logit_shape
 
     shapes = [tuple(s) for s in shapes]
     params = sum(_numel(s) for s in shapes)
+    largest = max((_numel(s) for s in shapes), default=0)
     logits = sum(_numel(logit_shape(s, granularity)) for s in shapes)
     logits *= (1 + experts) if dual else 1
-    if world_size > 1:
-        largest = max((_numel(s) for s in shapes), default=0)
-        floats = (
-            (params * (experts + 1) + logits * 6) / world_size  # this process's shards
-            + params * 2  # merged tensors and their gradients
-            + largest * (experts + 1) * 5  # one tensor gathered, its deltas and products
-        )
-        return int(floats * BYTES_PER_FLOAT + batch_activation_bytes * 2 * tasks)
+    state = params * base_bytes + params * experts * delta_bytes + logits * 4 * BYTES_PER_FLOAT
+    if world_size > 1:  # this process's shards, plus one tensor gathered whole
+        state = state / world_size + largest * (base_bytes + experts * delta_bytes)
+    copies = 2 if dual else 1  # the merged tensors (and their M1-detached copy) of one step
     floats = (
-        params * (experts + 1)  # base and experts
-        + params  # the model's own copy
-        + params * experts * 3  # deltas, masked deltas and their saved products
-        + params * 2  # merged tensors and their gradients
-        + logits * 6  # logits, grads, 2 Adam moments, samples
+        params * copies * 2  # merged tensors and their gradients
+        + (params if distills else 0)  # the teacher: one task's expert, formed whole
+        + largest * experts * 5  # one tensor's merge recomputed in backward
     )
-    return int(floats * BYTES_PER_FLOAT + batch_activation_bytes * 2 * tasks)
+    del tasks  # one task's forwards are alive at a time
+    return int(state + floats * BYTES_PER_FLOAT + activation_bytes)
+
+
+def step_activation_bytes(
+    config: str | Path, adapter: str, batch_size: int, *, image_shape=None, answers: int = 2
+) -> int:
+    """Peak bytes of one task's clean and perturbed forwards and their backward, beyond the
+    weights and their gradients: the built-in ``adapter``'s forward run on fake tensors (shapes
+    only, nothing computed) of the model ``config`` describes, measured by torch's MemTracker."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    _, cls, model_config = _model_class_and_config(config)
+    with FakeTensorMode():
+        model = cls(model_config)
+        model.requires_grad_(True)  # the merged weights require grad, so every op saves inputs
+        if adapter == "clip":
+            size = int(model_config.image_size)
+            c, h, w = image_shape or (int(model_config.num_channels), size, size)
+            x = torch.rand((batch_size, c, h, w))
+
+            def forward(shift: float):
+                return model(pixel_values=x + shift).pooler_output
+
+        elif adapter == "causal_lm":
+            hidden = int(model.get_input_embeddings().weight.shape[1])
+            embeds = torch.rand((batch_size * answers, LM_PROMPT_TOKENS, hidden))
+
+            def forward(shift: float):
+                out = model(inputs_embeds=embeds + shift).logits
+                return torch.log_softmax(out[:, :-1].float(), dim=-1)[..., 0]
+
+        else:
+            raise DamError(f"adapter {adapter!r}: activations are known for clip and causal_lm")
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker:
+            clean = forward(0.0).sum()
+            tracker.reset_mod_stats()  # the model runs twice in one step; the peak stays
+            perturbed = forward(0.01).sum()
+            (clean + perturbed).backward()
+        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    weights = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD)
+    return int(peak["Total"] - sum(peak.get(k, 0) for k in weights))
+
+
+def adapter_activation_bytes(adapter, name: str, base_dir: str, batch_size: int) -> int:
+    """One task's step activations for a calibration's adapter: measured on fake tensors of the
+    base's config.json for the built-in adapters; twice a user adapter's per-forward estimate."""
+    if name == "clip":
+        shape = tuple(adapter.perturbation_space(adapter.tasks()[0]).shape)
+        return step_activation_bytes(base_dir, name, batch_size, image_shape=shape)
+    if name == "causal_lm":
+        answers = max(len(a) for a in adapter.answers.values())
+        return step_activation_bytes(base_dir, name, batch_size, answers=answers)
+    return 2 * int(adapter.activation_bytes(batch_size))
 
 
 def clip_activation_bytes(batch_size: int, image_shape: Sequence[int]) -> int:
-    """The clip adapter's activation estimate for one batch of ``[C, H, W]`` images."""
+    """A user adapter's fallback: ``[C, H, W]`` images, about 200 maps of the input's size."""
     c, h, w = (int(s) for s in image_shape)
-    return int(batch_size * c * h * w * 4 * 200)  # generous: tiny ViTs keep ~100 maps
+    return int(batch_size * c * h * w * 4 * 200)
 
 
 def causal_lm_activation_bytes(batch_size: int, answers: int, hidden: int) -> int:
-    """The causal_lm adapter's activation estimate (prompts x answers rows of ~64 tokens)."""
+    """A fallback for causal-LM adapters: prompts x answers rows of ~64 tokens."""
     return int(batch_size * answers * LM_PROMPT_TOKENS * hidden * 4 * 40)
 
 
-def shapes_from_config(path: str | Path) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """``(architecture, {tensor: shape})`` of the float tensors a model's config describes.
+def meta_model_from_config(path: str | Path):
+    """``(architecture, model on the meta device)`` that a model's config describes.
 
     ``path`` is a ``config.json`` or a directory holding one. A full ``CLIPModel`` config gives
     its vision tower (``CLIPVisionModel``), which is what the CLIP recipes merge.
     """
     import torch
+
+    arch, cls, config = _model_class_and_config(path)
+    try:
+        with torch.device("meta"):
+            return arch, cls(config)
+    except (ValueError, TypeError, KeyError) as err:
+        raise DamError(f"{path}: cannot build the model from its config ({err})") from None
+
+
+def _model_class_and_config(path: str | Path):
+    """``(architecture, transformers class, its config)`` from a ``config.json`` (or its folder)."""
     import transformers
 
     path = Path(path)
@@ -120,10 +195,14 @@ def shapes_from_config(path: str | Path) -> tuple[str, dict[str, tuple[int, ...]
         cls = getattr(transformers, str(arch), None)
         if cls is None:
             raise DamError(f"{file}: architecture {arch!r} is not a transformers model class")
-        with torch.device("meta"):
-            model = cls(config)
     except (ValueError, TypeError, KeyError) as err:
         raise DamError(f"{file}: cannot build the model from its config ({err})") from None
+    return arch, cls, config
+
+
+def shapes_from_config(path: str | Path) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """``(architecture, {tensor: shape})`` of the float tensors a model's config describes."""
+    arch, model = meta_model_from_config(path)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
     return arch, shapes
 
@@ -142,7 +221,7 @@ class Estimate:
     steps: int
     final_steps: int
     peak_memory_bytes: int  # of one process when processes > 1
-    weights_bytes: int  # base + experts in float32, part of the peak
+    weights_bytes: int  # the base and the task vectors as held, part of the peak
     forward_flops: float  # one input, one forward
     total_flops: float
     assumed_tflops: float
@@ -166,21 +245,30 @@ def estimate(
     answers: int = 2,
     assumed_tflops: float = ASSUMED_TFLOPS,
     processes: int = 1,
+    config_file: str | Path | None = None,
+    base_bytes: int = BYTES_PER_FLOAT,
+    delta_bytes: int = BYTES_PER_FLOAT,
+    distills: bool = True,
 ) -> Estimate:
-    """Memory and compute of calibrating ``experts`` models of these shapes on ``tasks`` tasks."""
+    """Memory and compute of calibrating ``experts`` models of these shapes on ``tasks`` tasks.
+
+    With ``config_file`` (the base's config.json) the activations are measured on fake tensors of
+    that model; else rough fallbacks (per forward, twice) stand in."""
     cfg = raw_config or {}
     params = sum(_numel(s) for s in shapes.values())
     if adapter == "clip":
         vision = cfg.get("vision_config", cfg)
         size, patch = int(vision.get("image_size", 224)), int(vision.get("patch_size", 32))
-        acts = clip_activation_bytes(batch_size, (3, size, size))
+        acts = 2 * clip_activation_bytes(batch_size, (3, size, size))
         tokens, rows = (size // patch) ** 2 + 1, batch_size
     elif adapter == "causal_lm":
         hidden = int(cfg.get("hidden_size", 4096))
-        acts = causal_lm_activation_bytes(batch_size, answers, hidden)
+        acts = 2 * causal_lm_activation_bytes(batch_size, answers, hidden)
         tokens, rows = LM_PROMPT_TOKENS, batch_size * answers
     else:
         raise DamError(f"adapter {adapter!r}: the estimate knows clip and causal_lm only")
+    if config_file is not None:
+        acts = step_activation_bytes(config_file, adapter, batch_size, answers=answers)
     matmul = sum(_numel(s) for n, s in shapes.items() if len(s) >= 2 and "embed" not in n)
     forward = 2.0 * matmul * tokens
     passes = rows * tasks * (steps * PASSES_PER_STEP + final_steps * PASSES_PER_FINAL_STEP)
@@ -200,11 +288,14 @@ def estimate(
             experts=experts,
             granularity=granularity,
             dual=dual,
-            batch_activation_bytes=acts,
+            activation_bytes=acts,
             tasks=tasks,
             world_size=processes,
+            base_bytes=base_bytes,
+            delta_bytes=delta_bytes,
+            distills=distills,
         ),
-        weights_bytes=params * (experts + 1) * BYTES_PER_FLOAT,
+        weights_bytes=params * (base_bytes + experts * delta_bytes),
         forward_flops=forward,
         total_flops=total,
         assumed_tflops=assumed_tflops,
@@ -254,6 +345,7 @@ def estimate_recipe(
             "its config.json (hub ids are not resolved here)"
         )
     file = source / "config.json" if source.is_dir() else source
+    model_config = json.loads(file.read_text(encoding="utf-8"))
     architecture, shapes = shapes_from_config(file)
     if tasks is None:
         wanted = cal.adapter_options.get("tasks")
@@ -275,11 +367,21 @@ def estimate_recipe(
         steps=cal.steps,
         final_steps=cal.final_steps,
         dual=cal.mode == "dam",
-        raw_config=json.loads(file.read_text(encoding="utf-8")),
+        raw_config=model_config,
         answers=answers,
         assumed_tflops=assumed_tflops,
         processes=processes,
+        config_file=file,
+        base_bytes=dtype_bytes(model_config.get("torch_dtype") or model_config.get("dtype")),
+        delta_bytes=dtype_bytes(cal.delta_dtype),
+        distills=cal.mode == "dam" and cal.perf_loss == "distill",
     )
+
+
+def dtype_bytes(name: str | None) -> int:
+    """Bytes per value of a dtype named as in config.json (``bfloat16``) or safetensors (``BF16``);
+    float32 when unset or unknown."""
+    return 2 if str(name).lower() in ("bfloat16", "float16", "bf16", "f16", "half") else 4
 
 
 def format_estimate(e: Estimate, name: str) -> str:

@@ -48,3 +48,26 @@ def load_tensors(
             for key in keys:
                 out[key] = fh.get_tensor(key).to(device=device, dtype=torch.float32)
     return {name: out[name] for name in names}
+
+
+class TensorReader:
+    """One model's tensors, read one at a time in their stored dtype (headers read once).
+
+    The calibration state is built tensor by tensor, so no whole model is ever held in float32
+    besides what the state keeps.
+    """
+
+    def __init__(self, model_dir: str, *, allow_pickle: bool = False):
+        self.model_dir = model_dir
+        self.index = stored_tensors(model_dir, allow_pickle=allow_pickle)
+        self._files: dict[Path, object] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.index:
+            raise DamError(f"{self.model_dir}: no tensor {name!r}")
+        path = self.index[name].file
+        if path not in self._files:
+            self._files[path] = safe_open(str(path), framework="pt", device="cpu")
+        return self._files[path].get_tensor(name)  # type: ignore[attr-defined]

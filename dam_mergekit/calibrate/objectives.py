@@ -8,6 +8,7 @@ are stored. It reaches the run only through :class:`Run`, and the state only thr
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -39,7 +40,7 @@ class Run(Protocol):
         self, *, new_optimizer: bool = False, lr: float | None = None
     ) -> None: ...
 
-    def step_coefficients(self, loss: torch.Tensor) -> None: ...
+    def step_coefficients(self, losses: Iterable[torch.Tensor]) -> None: ...
 
     def batches(self) -> dict[str, Any]: ...
 
@@ -169,13 +170,18 @@ class ReleasedObjective:
         """AdaMerging on clean entropy, no reset between steps."""
         params = run.state.merged_params(masks, run.coef)
         batches = run.batches()
-        total = torch.zeros((), device=run.coef.device)
-        for t in run.tasks:
-            total = total + entropy(run.logits(params, t, batches[t]))
-        run.step_coefficients(total)
+        losses = [0.0]
+
+        def per_task():
+            for t in run.tasks:
+                loss = entropy(run.logits(params, t, batches[t]))
+                losses[0] += loss.item()
+                yield loss
+
+        run.step_coefficients(per_task())
         with torch.no_grad():
             run.coef.clamp_(min=self.cfg.coef_range[0])
-        return total.item(), 0.0, None
+        return losses[0], 0.0, None
 
     def stored_masks(self, m1, m2):
         return m1.float().clamp(0, 1), None

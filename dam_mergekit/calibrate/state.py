@@ -10,20 +10,21 @@ loop (``trainer.py``) and the objectives (``objectives.py``) never ask which one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dam_mergekit.calibrate import concrete
 from dam_mergekit.calibrate.config import CalibrationConfig
-from dam_mergekit.calibrate.models import load_tensors
-from dam_mergekit.merge import merge_tensor
+from dam_mergekit.merge import merge_deltas
 
 Params = dict[str, torch.Tensor]  # module parameter name -> tensor, for functional_call
-# (clean-forward parameters, perturbed-forward parameters) -> (L_perf, L_safe)
-MaskLosses = Callable[[Params, Params], tuple[torch.Tensor, torch.Tensor]]
+# (clean-forward parameters, perturbed-forward parameters) -> each task's (L_perf, L_safe)
+MaskLosses = Callable[[Params, Params], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -142,118 +143,211 @@ def unstack(m2: torch.Tensor | None) -> list[torch.Tensor] | None:
     return None if m2 is None else list(m2.unbind(0))
 
 
+class TensorState(nn.Module):
+    """One merged tensor's calibration state: its base, its task vectors, its mask logits.
+
+    The base is held in its file's dtype (lossless) and the task vectors ``[n, ...]`` in
+    ``delta_dtype``; both are cast to float32 per use. While gradients are on, the merge runs
+    under activation checkpointing: its intermediates (every expert's masked task vector) are
+    recomputed in backward, so they exist for one tensor at a time, and the mask samples are
+    replayed from recorded noise states rather than stored. FSDP may shard the module.
+    """
+
+    def __init__(self, base: torch.Tensor, deltas: torch.Tensor, s1, s2):
+        super().__init__()
+        self.base = nn.Parameter(base, requires_grad=False)
+        self.deltas = nn.Parameter(deltas, requires_grad=False)
+        self.s1 = nn.Parameter(s1)
+        self.s2 = nn.Parameter(s2) if s2 is not None else None
+
+    def forward(self, what: str, masks=None, coef=None, spec: dict | None = None):
+        """``merge``: the merged tensor (and, with ``spec["safe_copy"]``, one with M1 detached);
+        ``expert``: expert ``spec["index"]``; ``final``: the masks, rescaling and base the mask
+        file and the final merge need."""
+        if what == "expert":
+            return self.base.detach().float() + self.deltas[spec["index"]].detach().float()
+        if what == "final":
+            a, b = self._masks(masks, spec)
+            r = self._rescale(a, b, spec)
+            b = None if b is None else [x.detach().clone() for x in b]
+            return a.detach().clone(), b, r.detach(), self.base.detach().float().clone()
+        if torch.is_grad_enabled():  # recompute the merge in backward instead of storing it
+            return checkpoint(self._merge, masks, coef, spec, use_reentrant=False)
+        return self._merge(masks, coef, spec)
+
+    def _masks(self, masks: MaskDraw, spec) -> tuple[torch.Tensor | None, list | None]:
+        """M1 (None while frozen, outside the extracted masks) and the M2s of this tensor."""
+        if masks.binary:
+            if spec["m1_frozen"]:
+                a = torch.ones(self.s1.shape, device=self.s1.device)
+            else:
+                a = concrete.binarize(self.s1).float()
+            b = None if self.s2 is None else list(concrete.binarize(self.s2).float().unbind(0))
+            return a, b
+        gen, name, temperature = spec["generator"], spec["name"], spec["temperature"]
+        a = b = None
+        if name in masks.m1:
+            gen.set_state(masks.m1[name])
+            a = concrete.sample(self.s1, temperature, gen)
+        if self.s2 is not None:
+            gen.set_state(masks.m2[name])
+            b = list(concrete.sample(self.s2, temperature, gen).unbind(0))
+        if not masks.grad:
+            a = None if a is None else a.detach()
+            b = None if b is None else [x.detach() for x in b]
+        return a, b
+
+    def _rescale(self, a, b, spec) -> torch.Tensor:
+        n = self.deltas.shape[0]
+        return concrete.rescale_factors(
+            a, b if b is not None else [None] * n, enabled=spec["rescale"]
+        )
+
+    def _merge(self, masks, coef, spec):
+        a, b = self._masks(masks, spec)
+        base = self.base.float()
+
+        def merged(m1):
+            c = coef * self._rescale(m1, b, spec)
+            return merge_deltas(
+                base, self.deltas, spec["weights"], lam=spec["lam"], m1=m1, m2=b, coefficients=c
+            )
+
+        if spec.get("safe_copy"):
+            return merged(a), merged(None if a is None else a.detach())
+        return merged(a)
+
+
+def free_weights(model: nn.Module, names) -> None:
+    """Drop the model's own copy of the merged tensors: every forward swaps merged ones in."""
+    for name in names:
+        param = model.get_parameter(name)
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
 class LocalState:
-    """The whole state on one device: the one-process calibration."""
+    """One :class:`TensorState` per planned tensor, whole on this device: the one-process state.
+
+    :class:`dam_mergekit.calibrate.sharded.ShardedState` is the same state with each
+    :class:`TensorState` sharded by FSDP (:meth:`place`).
+    """
 
     rank, world = 0, 1
     shards_state = splits_data = False
 
     def __init__(self, inputs: StateInputs, adapter: Any, device: torch.device):
+        from dam_mergekit.calibrate.models import TensorReader
+
         self.inputs, self.device = inputs, device
-        cfg, names = inputs.config, inputs.names
+        cfg = inputs.config
         self.m1_frozen = cfg.train == "m2"  # exactly all-ones, never sampled
         self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        load = {"allow_pickle": inputs.allow_pickle}
-        self.base = load_tensors(inputs.base_dir, names, device, **load)
-        self.experts = [load_tensors(d, names, device, **load) for d in inputs.expert_dirs]
+        # replays recorded noise states; the noise stream itself only advances in draw(), so a
+        # merge recomputed in backward cannot disturb it
+        self.replay = torch.Generator(device=device)
         self.model = adapter.load_model(inputs.base_dir)
-        self.pnames = adapter.parameter_names(self.model, names)
-        n = len(inputs.expert_dirs)
-        self.m1_logits = {k: inputs.initial_logits(k, device).requires_grad_(True) for k in names}
-        self.m2_logits = (
-            {k: inputs.initial_logits(k, device, n).requires_grad_(True) for k in names}
-            if inputs.two_masks
-            else {}
+        self.model.requires_grad_(False)
+        self.pnames = adapter.parameter_names(self.model, inputs.names)
+        free_weights(self.model, self.pnames.values())
+        read = {"allow_pickle": inputs.allow_pickle}
+        self.readers = [TensorReader(d, **read) for d in (inputs.base_dir, *inputs.expert_dirs)]
+        self.states: dict[str, TensorState] = {}
+        self.m1_logits: dict[str, torch.Tensor] = {}
+        self.m2_logits: dict[str, torch.Tensor] = {}
+        for name in inputs.names:  # one tensor at a time: no whole model is held besides these
+            state = self.place(self._tensor_state(name))
+            self.states[name] = state
+            self.m1_logits[name] = state.s1
+            if state.s2 is not None:
+                self.m2_logits[name] = state.s2
+
+    def _tensor_state(self, name: str) -> TensorState:
+        inputs, dev = self.inputs, self.device
+        base = self.readers[0](name)
+        base32 = base.to(device=dev, dtype=torch.float32)
+        delta_dtype = getattr(torch, inputs.config.delta_dtype or "float32")
+        deltas = torch.stack(
+            [(r(name).to(device=dev, dtype=torch.float32) - base32) for r in self.readers[1:]]
+        ).to(delta_dtype)
+        n = len(self.readers) - 1
+        m2 = inputs.initial_logits(name, dev, n) if inputs.two_masks else None
+        stored = base.dtype if base.is_floating_point() else torch.float32
+        return TensorState(
+            base.to(device=dev, dtype=stored), deltas, inputs.initial_logits(name, dev), m2
         )
+
+    def place(self, state: TensorState) -> TensorState:
+        """Where a tensor's state lives: here, whole."""
+        return state
+
+    def _spec(self, name: str, **extra) -> dict:
+        return {
+            "name": name,
+            "generator": self.replay,
+            "temperature": self.inputs.config.temperature,
+            "rescale": self.inputs.rescale_on,
+            "weights": self.inputs.weights[name],
+            "lam": self.inputs.lams[name],
+            "m1_frozen": self.m1_frozen,
+            **extra,
+        }
 
     def draw(self, *, grad: bool) -> MaskDraw:
-        """Concrete samples of M1 (none while it is frozen) and of every M2, in tensor order."""
-        temperature = self.inputs.config.temperature
-        m1 = (
-            {}
-            if self.m1_frozen
-            else {k: concrete.sample(s, temperature, self.noise) for k, s in self.m1_logits.items()}
-        )
-        m2 = {k: concrete.sample(s, temperature, self.noise) for k, s in self.m2_logits.items()}
-        if not grad:
-            m1 = {k: v.detach() for k, v in m1.items()}
-            m2 = {k: v.detach() for k, v in m2.items()}
-        return MaskDraw(m1, m2, grad=grad)
+        """Advance the noise stream as one sample of every mask would, noting each state."""
+        gen, dev = self.noise, self.device
+        states1, states2 = {}, {}
+        for name, s in ({} if self.m1_frozen else self.m1_logits).items():
+            states1[name] = gen.get_state()
+            torch.rand(s.shape, generator=gen, device=dev, dtype=s.dtype)
+        for name, s in self.m2_logits.items():
+            states2[name] = gen.get_state()
+            torch.rand(s.shape, generator=gen, device=dev, dtype=s.dtype)
+        return MaskDraw(states1, states2, grad=grad)
 
     def binary(self) -> MaskDraw:
-        """The extracted masks; a frozen M1 is all-ones whatever its logits."""
-        with torch.no_grad():
-            m1 = {
-                k: (
-                    torch.ones_like(s, dtype=torch.bool) if self.m1_frozen else concrete.binarize(s)
-                ).float()
-                for k, s in self.m1_logits.items()
-            }
-            m2 = {k: concrete.binarize(s).float() for k, s in self.m2_logits.items()}
-        return MaskDraw(m1, m2, binary=True)
+        return MaskDraw({}, {}, binary=True)  # each TensorState binarizes its own logits
 
-    def _rescale(self, m1, m2: list | None) -> torch.Tensor:
-        n = len(self.experts)
-        return concrete.rescale_factors(m1, m2 or [None] * n, enabled=self.inputs.rescale_on)
+    def _merge(self, masks: MaskDraw, coef: torch.Tensor, *, safe_copy: bool):
+        out: Params = {}
+        safe: Params = {}
+        for k, name in enumerate(self.inputs.names):
+            row = coefficient_row(coef, k)
+            result = self.states[name]("merge", masks, row, self._spec(name, safe_copy=safe_copy))
+            if safe_copy:
+                out[self.pnames[name]], safe[self.pnames[name]] = result
+            else:
+                out[self.pnames[name]] = result
+        return out, safe
 
     def merged_params(self, masks: MaskDraw, coef: torch.Tensor) -> Params:
         """Module parameters of the merged model (differentiable in masks and coefficients)."""
-        out = {}
-        for k, name in enumerate(self.inputs.names):
-            m1, m2 = masks.m1.get(name), unstack(masks.m2.get(name))
-            out[self.pnames[name]] = merge_tensor(
-                self.base[name],
-                [e[name] for e in self.experts],
-                self.inputs.weights[name],
-                lam=self.inputs.lams[name],
-                m1=m1,
-                m2=m2,
-                coefficients=coefficient_row(coef, k) * self._rescale(m1, m2),
-            )
-        return out
+        return self._merge(masks, coef, safe_copy=False)[0]
 
     def mask_gradients(self, masks, coef, losses, *, alpha, m1_learns_safety):
-        """Set the logits' gradients; M1 sees the safety term only if ``m1_learns_safety``.
-
-        Two ``autograd.grad`` calls on one forward: M1 gets the gradient of L_perf, every M2 that
-        of L_perf + alpha * L_safe.
-        """
-        params = self.merged_params(masks, coef)
-        perf, safe = losses(params, params)
-        m1 = list(self.m1_logits.values())
-        m2 = list(self.m2_logits.values())
+        """Set the logits' gradients, one task's backward at a time; M1 sees the safety term
+        only if ``m1_learns_safety`` (else the perturbed forwards run on a merge with M1
+        detached, so M1's gradient is that of L_perf alone)."""
         if m1_learns_safety:
-            grads = torch.autograd.grad(perf + alpha * safe, m1 + m2, allow_unused=True)
-            for p, g in zip(m1 + m2, grads, strict=True):
-                p.grad = g
-            return perf, safe
-        g_perf = torch.autograd.grad(perf, m1 + m2, retain_graph=True, allow_unused=True)
-        g_safe = (
-            torch.autograd.grad(alpha * safe, m2, allow_unused=True)
-            if alpha > 0 and safe.requires_grad
-            else [None] * len(m2)
-        )
-        for p, g in zip(m1, g_perf[: len(m1)], strict=True):
-            p.grad = g
-        for p, g, gs in zip(m2, g_perf[len(m1) :], g_safe, strict=True):
-            p.grad = g if gs is None else (gs if g is None else g + gs)
-        return perf, safe
+            params = safe_params = self.merged_params(masks, coef)
+        else:
+            params, safe_params = self._merge(masks, coef, safe_copy=True)
+        return backward_per_task(losses(params, safe_params), alpha)
 
     def expert_params(self, index: int) -> Params:
-        return {self.pnames[k]: self.experts[index][k] for k in self.inputs.names}
+        with torch.no_grad():
+            return {
+                self.pnames[k]: self.states[k]("expert", spec={"index": index})
+                for k in self.inputs.names
+            }
 
     def final_tensors(self, masks: MaskDraw) -> Iterator[FinalTensor]:
-        with torch.no_grad():
-            for name in self.inputs.names:
-                m1, m2 = masks.m1.get(name), unstack(masks.m2.get(name))
-                yield FinalTensor(
-                    name,
-                    m1,
-                    m2,
-                    self._rescale(m1, m2),
-                    self.base[name],
-                    [e[name] for e in self.experts],
-                )
+        """Each tensor's final values; the experts are read again from their files, so the
+        merge computed from them is exact whatever ``delta_dtype`` held."""
+        for name in self.inputs.names:
+            with torch.no_grad():
+                m1, m2, r, base = self.states[name]("final", masks, spec=self._spec(name))
+            experts = [reader(name).float() for reader in self.readers[1:]]
+            yield FinalTensor(name, m1, m2, r, base, experts)
 
     def share(self, batch: Any) -> Any:
         return batch
@@ -266,6 +360,25 @@ class LocalState:
 
     def finish(self) -> None:
         """Nothing to wait for in one process."""
+
+
+def backward_per_task(
+    per_task: Iterable[tuple[torch.Tensor, torch.Tensor]], alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward each task's ``L_perf + alpha * L_safe`` as it comes, accumulating gradients.
+
+    One task's activations are alive at a time; the merged parameters' graph is shared by all
+    tasks, so it is retained (its merge is recomputed per backward, which is cheap)."""
+    perf_sum = safe_sum = None
+    for perf, safe in per_task:
+        loss = perf + alpha * safe
+        if loss.requires_grad:
+            loss.backward(retain_graph=True)
+        perf_sum = perf.detach() if perf_sum is None else perf_sum + perf.detach()
+        safe_sum = safe.detach() if safe_sum is None else safe_sum + safe.detach()
+    if perf_sum is None:
+        raise ValueError("no task losses to differentiate")
+    return perf_sum, safe_sum
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

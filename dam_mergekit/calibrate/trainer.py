@@ -43,6 +43,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 from dam_mergekit.calibrate import checkpoint
 from dam_mergekit.calibrate.adapters import make_adapter
 from dam_mergekit.calibrate.config import CalibrationConfig
-from dam_mergekit.calibrate.estimate import peak_memory_bytes
+from dam_mergekit.calibrate.estimate import adapter_activation_bytes, dtype_bytes, peak_memory_bytes
 from dam_mergekit.calibrate.models import check_experts
 from dam_mergekit.calibrate.objectives import MaskDraw, Step, objective_for
 from dam_mergekit.calibrate.pairing import task_experts
@@ -63,6 +64,7 @@ from dam_mergekit.errors import DamError
 from dam_mergekit.masks import MaskSet, ModelRecord, fingerprint_model, write_mask_file
 from dam_mergekit.masks.file import CALIBRATED
 from dam_mergekit.merge import merge_tensor
+from dam_mergekit.model_files import stored_tensors
 from dam_mergekit.staging import staged_file
 
 
@@ -185,17 +187,23 @@ class Calibrator:
 
     # -- memory ------------------------------------------------------------------------------------
     def estimate_memory(self) -> int:
-        """Bytes the run needs at its peak (a deliberately generous estimate), per process."""
+        """Bytes the run needs at its peak, per process (:func:`peak_memory_bytes`)."""
         state, world = self.layout.state, self.layout.world
         batch = -(-self.cfg.batch_size // world) if state.splits_data else self.cfg.batch_size
+        stored = stored_tensors(self.base_dir, allow_pickle=self.allow_pickle)
         return peak_memory_bytes(
             self.shapes.values(),
             experts=self.n,
             granularity=self.cfg.granularity,
             dual=self.objective.two_masks,
-            batch_activation_bytes=self.adapter.activation_bytes(batch),
+            activation_bytes=adapter_activation_bytes(
+                self.adapter, self.cfg.adapter, self.base_dir, batch
+            ),
             tasks=len(self.tasks),
             world_size=self.layout.world if state.shards_state else 1,
+            base_bytes=dtype_bytes(stored[self.names[0]].dtype),
+            delta_bytes=dtype_bytes(self.cfg.delta_dtype),
+            distills=self.objective.distills,
         )
 
     def available_memory(self) -> tuple[int, str]:
@@ -296,19 +304,24 @@ class Calibrator:
         perturbed = perturbed and self.audit_triggers is None
         params = self.state.merged_params(masks, self.coef)
         batches = self.batches()
-        perf, safety = 0.0, 0.0
-        total = torch.zeros((), device=self.device)
-        for t in self.tasks:
-            h, s = self.task_losses(params, t, batches[t], perturbed=perturbed)
-            total = total + h + self.cfg.alpha * s
-            perf, safety = perf + h.item(), safety + s.item()
-        self.step_coefficients(total)
-        return perf, safety
+        terms: list[tuple[float, float]] = []
 
-    def step_coefficients(self, loss: torch.Tensor) -> None:
+        def per_task():
+            for t in self.tasks:
+                h, s = self.task_losses(params, t, batches[t], perturbed=perturbed)
+                terms.append((h.item(), s.item()))
+                yield h + self.cfg.alpha * s
+
+        self.step_coefficients(per_task())
+        return sum(h for h, _ in terms), sum(s for _, s in terms)
+
+    def step_coefficients(self, losses: Iterable[torch.Tensor]) -> None:
+        """One Adam step of the coefficients on the sum of ``losses``, backwarded one at a time
+        as they come (one task's activations alive at a time)."""
         opt = self.optimizers["c"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for loss in losses:
+            loss.backward(retain_graph=True)
         self.state.all_sum([self.coef.grad])
         opt.step()
 
@@ -349,14 +362,10 @@ class Calibrator:
 
         def losses(params, safe_params):
             batches = self.batches()
-            perf = torch.zeros((), device=self.device)
-            safe = torch.zeros((), device=self.device)
             for t in self.tasks:
-                h, s = self.task_losses(
+                yield self.task_losses(
                     params, t, batches[t], perturbed=True, safe_params=safe_params
                 )
-                perf, safe = perf + h, safe + s
-            return perf, safe
 
         perf, safe = self.state.mask_gradients(
             self.state.draw(grad=True) if sample is None else sample,
