@@ -24,7 +24,7 @@ def _parameters(func) -> list[tuple[str, object]]:
 @pytest.mark.parametrize("implementation", [state.LocalState, ShardedState])
 def test_states_have_the_protocols_methods(implementation):
     methods = _methods(state.CalibrationState)
-    assert {"draw", "merged_params", "mask_gradients", "final_tensors"} <= set(methods)
+    assert {"draw", "merged_params", "gradients", "final_tensors"} <= set(methods)
     for name in methods:
         expected = _parameters(getattr(state.CalibrationState, name))
         assert _parameters(getattr(implementation, name)) == expected, name

@@ -43,8 +43,8 @@ class DataParallelState:
     def merged_params(self, masks: MaskDraw, coef: torch.Tensor) -> Params:
         return self.whole.merged_params(masks, coef)
 
-    def mask_gradients(self, masks, coef, losses, *, alpha, m1_learns_safety):
-        perf, safe = self.whole.mask_gradients(
+    def gradients(self, masks, coef, losses, *, alpha, m1_learns_safety):
+        perf, safe = self.whole.gradients(
             masks, coef, losses, alpha=alpha, m1_learns_safety=m1_learns_safety
         )
         logits = [*self.m1_logits.values(), *self.m2_logits.values()]

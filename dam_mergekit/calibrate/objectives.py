@@ -8,7 +8,6 @@ are stored. It reaches the run only through :class:`Run`, and the state only thr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -40,7 +39,7 @@ class Run(Protocol):
         self, *, new_optimizer: bool = False, lr: float | None = None
     ) -> None: ...
 
-    def step_coefficients(self, losses: Iterable[torch.Tensor]) -> None: ...
+    def step_coefficients(self, masks: MaskDraw, losses) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def batches(self) -> dict[str, Any]: ...
 
@@ -168,20 +167,17 @@ class ReleasedObjective:
 
     def final_step(self, run, masks):
         """AdaMerging on clean entropy, no reset between steps."""
-        params = run.state.merged_params(masks, run.coef)
         batches = run.batches()
-        losses = [0.0]
+        zero = torch.zeros((), device=run.coef.device)
 
-        def per_task():
+        def losses(params, _safe_params):
             for t in run.tasks:
-                loss = entropy(run.logits(params, t, batches[t]))
-                losses[0] += loss.item()
-                yield loss
+                yield entropy(run.logits(params, t, batches[t])), zero
 
-        run.step_coefficients(per_task())
+        total, _ = run.step_coefficients(masks, losses)
         with torch.no_grad():
             run.coef.clamp_(min=self.cfg.coef_range[0])
-        return losses[0], 0.0, None
+        return total.item(), 0.0, None
 
     def stored_masks(self, m1, m2):
         return m1.float().clamp(0, 1), None

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dam_mergekit.calibrate import concrete
 from dam_mergekit.calibrate.config import CalibrationConfig
@@ -111,7 +110,7 @@ class CalibrationState(Protocol):
 
     def merged_params(self, masks: MaskDraw, coef: torch.Tensor) -> Params: ...
 
-    def mask_gradients(
+    def gradients(
         self,
         masks: MaskDraw,
         coef: torch.Tensor,
@@ -147,10 +146,8 @@ class TensorState(nn.Module):
     """One merged tensor's calibration state: its base, its task vectors, its mask logits.
 
     The base is held in its file's dtype (lossless) and the task vectors ``[n, ...]`` in
-    ``delta_dtype``; both are cast to float32 per use. While gradients are on, the merge runs
-    under activation checkpointing: its intermediates (every expert's masked task vector) are
-    recomputed in backward, so they exist for one tensor at a time, and the mask samples are
-    replayed from recorded noise states rather than stored. FSDP may shard the module.
+    ``delta_dtype``; both are cast to float32 per use. The mask samples are replayed from
+    recorded noise states rather than stored. FSDP may shard the module.
     """
 
     def __init__(self, base: torch.Tensor, deltas: torch.Tensor, s1, s2):
@@ -171,8 +168,6 @@ class TensorState(nn.Module):
             r = self._rescale(a, b, spec)
             b = None if b is None else [x.detach().clone() for x in b]
             return a.detach().clone(), b, r.detach(), self.base.detach().float().clone()
-        if torch.is_grad_enabled():  # recompute the merge in backward instead of storing it
-            return checkpoint(self._merge, masks, coef, spec, use_reentrant=False)
         return self._merge(masks, coef, spec)
 
     def _masks(self, masks: MaskDraw, spec) -> tuple[torch.Tensor | None, list | None]:
@@ -320,18 +315,42 @@ class LocalState:
         return out, safe
 
     def merged_params(self, masks: MaskDraw, coef: torch.Tensor) -> Params:
-        """Module parameters of the merged model (differentiable in masks and coefficients)."""
-        return self._merge(masks, coef, safe_copy=False)[0]
+        """Module parameters of the merged model: values, no graph."""
+        with torch.no_grad():
+            return self._merge(masks, coef, safe_copy=False)[0]
 
-    def mask_gradients(self, masks, coef, losses, *, alpha, m1_learns_safety):
-        """Set the logits' gradients, one task's backward at a time; M1 sees the safety term
-        only if ``m1_learns_safety`` (else the perturbed forwards run on a merge with M1
-        detached, so M1's gradient is that of L_perf alone)."""
-        if m1_learns_safety:
-            params = safe_params = self.merged_params(masks, coef)
-        else:
-            params, safe_params = self._merge(masks, coef, safe_copy=True)
-        return backward_per_task(losses(params, safe_params), alpha)
+    def gradients(self, masks, coef, losses, *, alpha, m1_learns_safety):
+        """Backward every task's ``L_perf + alpha * L_safe`` into the mask logits (when ``masks``
+        are differentiable) and the coefficients (when ``coef`` requires grad).
+
+        Two stages. The tasks' forwards run on merged tensors made leaves, and each task is
+        backwarded into them as it comes, so one task's activations are alive at a time. Then
+        each tensor's merge is formed again with its graph and backwarded from the leaves'
+        gradients, so the merge's intermediates (every expert's masked task vector) exist for
+        one tensor at a time. Unless M1 learns the safety term, the perturbed forwards run on a
+        copy merged with M1 detached, so M1's gradient is that of L_perf alone."""
+        copy = masks.grad and not m1_learns_safety
+        leaves = {k: v.requires_grad_(True) for k, v in self.merged_params(masks, coef).items()}
+        # the copy has the same values; a view of them is a leaf of its own
+        safe_leaves = (
+            {k: v.detach().requires_grad_(True) for k, v in leaves.items()} if copy else leaves
+        )
+        sums = backward_per_task(losses(leaves, safe_leaves), alpha)
+        for k, name in enumerate(self.inputs.names):
+            pname = self.pnames[name]
+            outs = [leaves[pname]] + ([safe_leaves[pname]] if copy else [])
+            grads = [t.grad for t in outs]
+            if all(g is None for g in grads):
+                continue
+            spec = self._spec(name, safe_copy=copy)
+            merged = self.states[name]("merge", masks, coefficient_row(coef, k), spec)
+            merged = list(merged) if copy else [merged]
+            pairs = [(m, g) for m, g in zip(merged, grads, strict=True) if g is not None]
+            if pairs and pairs[0][0].requires_grad:
+                torch.autograd.backward([m for m, _ in pairs], [g for _, g in pairs])
+            for t in outs:
+                t.grad = None
+        return sums
 
     def expert_params(self, index: int) -> Params:
         with torch.no_grad():
@@ -365,15 +384,13 @@ class LocalState:
 def backward_per_task(
     per_task: Iterable[tuple[torch.Tensor, torch.Tensor]], alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward each task's ``L_perf + alpha * L_safe`` as it comes, accumulating gradients.
-
-    One task's activations are alive at a time; the merged parameters' graph is shared by all
-    tasks, so it is retained (its merge is recomputed per backward, which is cheap)."""
+    """Backward each task's ``L_perf + alpha * L_safe`` as it comes, accumulating gradients
+    (into the merged tensors' leaves: one task's activations are alive at a time)."""
     perf_sum = safe_sum = None
     for perf, safe in per_task:
         loss = perf + alpha * safe
         if loss.requires_grad:
-            loss.backward(retain_graph=True)
+            loss.backward()
         perf_sum = perf.detach() if perf_sum is None else perf_sum + perf.detach()
         safe_sum = safe.detach() if safe_sum is None else safe_sum + safe.detach()
     if perf_sum is None:

@@ -43,7 +43,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,28 +301,26 @@ class Calibrator:
         Against the audit's triggers only M2 pays the safety term: the defense must cut what
         carries the trigger, not shrink whole experts."""
         perturbed = perturbed and self.audit_triggers is None
-        params = self.state.merged_params(masks, self.coef)
         batches = self.batches()
-        terms: list[tuple[float, float]] = []
 
-        def per_task():
+        def losses(params, _safe_params):
             for t in self.tasks:
-                h, s = self.task_losses(params, t, batches[t], perturbed=perturbed)
-                terms.append((h.item(), s.item()))
-                yield h + self.cfg.alpha * s
+                yield self.task_losses(params, t, batches[t], perturbed=perturbed)
 
-        self.step_coefficients(per_task())
-        return sum(h for h, _ in terms), sum(s for _, s in terms)
+        perf, safety = self.step_coefficients(masks, losses)
+        return perf.item(), safety.item()
 
-    def step_coefficients(self, losses: Iterable[torch.Tensor]) -> None:
-        """One Adam step of the coefficients on the sum of ``losses``, backwarded one at a time
-        as they come (one task's activations alive at a time)."""
+    def step_coefficients(self, masks: MaskDraw, losses) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Adam step of the coefficients on the sum over tasks of ``L_perf + alpha * L_safe``
+        (``losses(params, safe_params)`` yields each task's pair); returns the two sums."""
         opt = self.optimizers["c"]
         opt.zero_grad(set_to_none=True)
-        for loss in losses:
-            loss.backward(retain_graph=True)
+        sums = self.state.gradients(
+            masks, self.coef, losses, alpha=self.cfg.alpha, m1_learns_safety=True
+        )
         self.state.all_sum([self.coef.grad])
         opt.step()
+        return sums
 
     def reset_coefficients(self, *, new_optimizer: bool = False, lr: float | None = None) -> None:
         """Coefficients back to ``coef_init``; a new Adam (at ``lr``, default ``lr_coef``)."""
@@ -367,7 +364,7 @@ class Calibrator:
                     params, t, batches[t], perturbed=True, safe_params=safe_params
                 )
 
-        perf, safe = self.state.mask_gradients(
+        perf, safe = self.state.gradients(
             self.state.draw(grad=True) if sample is None else sample,
             self.coef.detach(),
             losses,
