@@ -152,11 +152,32 @@ def _size_zoo(kind: str, width: int, root: Path) -> tuple[Path, dict]:
     return zoo, {"adapter": "causal_lm", "batch_size": 8, "granularity": "row"}
 
 
-def _rss_bytes() -> int:
+def _anon_bytes() -> int:
+    """This process's anonymous resident memory (mapped model files' pages left out)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+class _PeakSampler:
+    """The peak of :func:`_anon_bytes`, sampled every few milliseconds on a thread."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = _anon_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _anon_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _anon_bytes())
 
 
 def _measure_one(spec: dict) -> int:
@@ -168,10 +189,11 @@ def _measure_one(spec: dict) -> int:
 
     plan = plan_recipe(load_recipe(spec["recipe"]))
     calibrator = Calibrator(plan, CalibrationConfig.from_dict(spec["calibration"]), progress=False)
-    before = _rss_bytes()  # imports, the calibration data, the planned recipe
+    before = _anon_bytes()  # imports, the calibration data, the planned recipe
+    sampler = _PeakSampler()
     start = time.perf_counter()
     calibrator.run(write=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = sampler.stop()
     params = sum(int(torch.tensor(s).prod()) if s else 1 for s in plan.shapes().values())
     row = {
         "size": spec["size"],
@@ -186,8 +208,9 @@ def _measure_one(spec: dict) -> int:
 
 
 def measure_sizes(args) -> int:
-    """Each size: a random zoo, a few calibration steps in a fresh process, its peak RSS above
-    what the process held before (imports and data) beside ``Calibrator.estimate_memory``."""
+    """Each size: a random zoo, a few calibration steps in a fresh process, the peak of its
+    anonymous resident memory above what it held before (imports and data; mapped model files'
+    pages are the page cache's, not the run's) beside ``Calibrator.estimate_memory``."""
     import subprocess
 
     import yaml

@@ -156,12 +156,15 @@ def test_estimate_formula_is_the_trainers(tmp_path):
     trainer = Calibrator(plan, cal, progress=False)
     _, shapes = shapes_from_config(zoo / "base")
     assert shapes == plan.shapes()
+    acts = step_activation_bytes(zoo / "base", "clip", 4)
+    assert acts.training > acts.forward > 0
     expected = peak_memory_bytes(
         shapes.values(),
         experts=2,
         granularity="row",
         dual=True,
-        activation_bytes=step_activation_bytes(zoo / "base", "clip", 4),
+        activation_bytes=acts.training,
+        forward_bytes=acts.forward,
         tasks=2,
     )
     assert trainer.estimate_memory() == expected

@@ -9,9 +9,10 @@ their backward run on fake tensors, and torch's MemTracker reports their peak
 
 The formula follows the state's layout (:mod:`dam_mergekit.calibrate.state`): the base in its
 file's dtype, the task vectors in ``delta_dtype``, the mask logits with their gradients and two
-Adam moments in float32, the merged parameters of one step (twice when the perturbed forward
-runs on a copy with M1 detached) and their gradients, one teacher, one tensor's merge recomputed
-in backward, and one task's clean and perturbed forwards (tasks are backwarded one at a time).
+Adam moments in float32, the merged parameters of one step and their gradients (twice with two
+masks: the perturbed forwards run on an M1-detached view with a gradient of its own), one teacher
+formed whole, one tensor's merge formed again with its graph, and one task's clean and perturbed
+forwards with their backward (tasks are backwarded one at a time).
 ``benchmarks/bench_calibration.py --sizes`` prints it beside the measured peak.
 
 Compute is counted in forward-pass equivalents (a backward costs two): per task and outer step the
@@ -30,7 +31,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dam_mergekit.errors import DamError
 
@@ -56,6 +57,7 @@ def peak_memory_bytes(
     dual: bool,
     activation_bytes: int,
     tasks: int,
+    forward_bytes: int = 0,
     world_size: int = 1,
     base_bytes: int = BYTES_PER_FLOAT,
     delta_bytes: int = BYTES_PER_FLOAT,
@@ -64,8 +66,9 @@ def peak_memory_bytes(
     """Bytes a calibration run needs at its peak, per process.
 
     ``activation_bytes`` is the peak of one task's clean and perturbed forwards and their backward
-    (:func:`step_activation_bytes`): tasks are backwarded one at a time, so ``tasks`` does not
-    multiply it. With ``world_size > 1`` (the FSDP-sharded state) base, task
+    and ``forward_bytes`` that of one forward without a graph (the teacher's), both from
+    :func:`step_activation_bytes`: tasks are backwarded one at a time, so ``tasks`` does not
+    multiply them. With ``world_size > 1`` (the FSDP-sharded state) base, task
     vectors and logits are split ``world_size`` ways and one tensor is gathered whole at a time.
     """
     from dam_mergekit.calibrate.concrete import logit_shape
@@ -78,48 +81,44 @@ def peak_memory_bytes(
     state = params * base_bytes + params * experts * delta_bytes + logits * 4 * BYTES_PER_FLOAT
     if world_size > 1:  # this process's shards, plus one tensor gathered whole
         state = state / world_size + largest * (base_bytes + experts * delta_bytes)
-    copies = 2 if dual else 1  # the merged tensors (and their M1-detached copy) of one step
-    floats = (
-        params * copies * 2  # merged tensors and their gradients
-        + (params if distills else 0)  # the teacher: one task's expert, formed whole
-        + largest * experts * 5  # one tensor's merge recomputed in backward
-    )
+    merged = params * BYTES_PER_FLOAT  # one step's merged tensors
+    # their gradients, twice with two masks (the perturbed forwards' M1-detached view)
+    grads = merged * (2 if dual else 1)
+    teacher = merged if distills else 0  # one task's expert, formed whole, during its forwards
+    remerge = largest * experts * 5 * BYTES_PER_FLOAT  # one tensor's merge formed with its graph
     del tasks  # one task's forwards are alive at a time
-    return int(state + floats * BYTES_PER_FLOAT + activation_bytes)
+    # the tasks' forwards and backward, then the merge's backward, one after the other
+    teacher_phase = teacher + forward_bytes if distills else 0
+    during_tasks = activation_bytes + max(teacher_phase, grads)
+    return int(state + merged + max(during_tasks, grads + remerge))
+
+
+class StepActivations(NamedTuple):
+    """Activation bytes of one task's step: its clean and perturbed forwards with their backward
+    (``training``), and one forward without a graph, as the teacher's runs (``forward``)."""
+
+    training: int
+    forward: int
+
+
+NO_ACTIVATIONS = StepActivations(0, 0)
 
 
 def step_activation_bytes(
     config: str | Path, adapter: str, batch_size: int, *, image_shape=None, answers: int = 2
-) -> int:
-    """Peak bytes of one task's clean and perturbed forwards and their backward, beyond the
-    weights and their gradients: the built-in ``adapter``'s forward run on fake tensors (shapes
-    only, nothing computed) of the model ``config`` describes, measured by torch's MemTracker."""
+) -> StepActivations:
+    """One task's step activations beyond the weights and their gradients: the built-in
+    ``adapter``'s forward run on fake tensors (shapes only, nothing computed) of the model
+    ``config`` describes, its peak measured by torch's MemTracker."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from torch.distributed._tools.mem_tracker import MemTracker
 
     _, cls, model_config = _model_class_and_config(config)
     with FakeTensorMode():
         model = cls(model_config)
         model.requires_grad_(True)  # the merged weights require grad, so every op saves inputs
-        if adapter == "clip":
-            size = int(model_config.image_size)
-            c, h, w = image_shape or (int(model_config.num_channels), size, size)
-            x = torch.rand((batch_size, c, h, w))
-
-            def forward(shift: float):
-                return model(pixel_values=x + shift).pooler_output
-
-        elif adapter == "causal_lm":
-            hidden = int(model.get_input_embeddings().weight.shape[1])
-            embeds = torch.rand((batch_size * answers, LM_PROMPT_TOKENS, hidden))
-
-            def forward(shift: float):
-                out = model(inputs_embeds=embeds + shift).logits
-                return torch.log_softmax(out[:, :-1].float(), dim=-1)[..., 0]
-
-        else:
-            raise DamError(f"adapter {adapter!r}: activations are known for clip and causal_lm")
+        forward = _fake_forward(model, adapter, batch_size, image_shape, answers)
         tracker = MemTracker()
         tracker.track_external(model)
         with tracker:
@@ -127,32 +126,59 @@ def step_activation_bytes(
             tracker.reset_mod_stats()  # the model runs twice in one step; the peak stays
             perturbed = forward(0.01).sum()
             (clean + perturbed).backward()
-        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        training = _beyond_weights(tracker)
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker, torch.no_grad():
+            forward(0.0)
+        return StepActivations(training, _beyond_weights(tracker))
+
+
+def _fake_forward(model, adapter: str, batch_size: int, image_shape, answers: int):
+    """The built-in adapter's forward on a fake batch (``shift`` stands for the perturbation)."""
+    import torch
+
+    if adapter == "clip":
+        size = int(model.config.image_size)
+        c, h, w = image_shape or (int(model.config.num_channels), size, size)
+        x = torch.rand((batch_size, c, h, w))
+
+        def forward(shift: float):
+            return model(pixel_values=x + shift).pooler_output
+
+        return forward
+    if adapter == "causal_lm":
+        hidden = int(model.get_input_embeddings().weight.shape[1])
+        embeds = torch.rand((batch_size * answers, LM_PROMPT_TOKENS, hidden))
+
+        def forward(shift: float):
+            out = model(inputs_embeds=embeds + shift).logits
+            return torch.log_softmax(out[:, :-1].float(), dim=-1)[..., 0]
+
+        return forward
+    raise DamError(f"adapter {adapter!r}: activations are known for clip and causal_lm only")
+
+
+def _beyond_weights(tracker) -> int:
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     weights = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD)
     return int(peak["Total"] - sum(peak.get(k, 0) for k in weights))
 
 
-def adapter_activation_bytes(adapter, name: str, base_dir: str, batch_size: int) -> int:
+def adapter_activation_bytes(adapter, name: str, base_dir: str, batch_size: int) -> StepActivations:
     """One task's step activations for a calibration's adapter: measured on fake tensors of the
-    base's config.json for the built-in adapters; twice a user adapter's per-forward estimate."""
+    base's config.json for the built-in adapters; from a user adapter's per-forward estimate
+    else."""
     if name == "clip":
         shape = tuple(adapter.perturbation_space(adapter.tasks()[0]).shape)
         return step_activation_bytes(base_dir, name, batch_size, image_shape=shape)
     if name == "causal_lm":
         answers = max(len(a) for a in adapter.answers.values())
         return step_activation_bytes(base_dir, name, batch_size, answers=answers)
-    return 2 * int(adapter.activation_bytes(batch_size))
-
-
-def clip_activation_bytes(batch_size: int, image_shape: Sequence[int]) -> int:
-    """A user adapter's fallback: ``[C, H, W]`` images, about 200 maps of the input's size."""
-    c, h, w = (int(s) for s in image_shape)
-    return int(batch_size * c * h * w * 4 * 200)
-
-
-def causal_lm_activation_bytes(batch_size: int, answers: int, hidden: int) -> int:
-    """A fallback for causal-LM adapters: prompts x answers rows of ~64 tokens."""
-    return int(batch_size * answers * LM_PROMPT_TOKENS * hidden * 4 * 40)
+    one = int(adapter.activation_bytes(batch_size))
+    return StepActivations(training=2 * one, forward=one)
 
 
 def meta_model_from_config(path: str | Path):
@@ -245,30 +271,23 @@ def estimate(
     answers: int = 2,
     assumed_tflops: float = ASSUMED_TFLOPS,
     processes: int = 1,
-    config_file: str | Path | None = None,
+    activations: StepActivations = NO_ACTIVATIONS,
     base_bytes: int = BYTES_PER_FLOAT,
     delta_bytes: int = BYTES_PER_FLOAT,
     distills: bool = True,
 ) -> Estimate:
-    """Memory and compute of calibrating ``experts`` models of these shapes on ``tasks`` tasks.
-
-    With ``config_file`` (the base's config.json) the activations are measured on fake tensors of
-    that model; else rough fallbacks (per forward, twice) stand in."""
+    """Memory and compute of calibrating ``experts`` models of these shapes on ``tasks`` tasks;
+    ``activations`` are one task's step (:func:`step_activation_bytes`)."""
     cfg = raw_config or {}
     params = sum(_numel(s) for s in shapes.values())
     if adapter == "clip":
         vision = cfg.get("vision_config", cfg)
         size, patch = int(vision.get("image_size", 224)), int(vision.get("patch_size", 32))
-        acts = 2 * clip_activation_bytes(batch_size, (3, size, size))
         tokens, rows = (size // patch) ** 2 + 1, batch_size
     elif adapter == "causal_lm":
-        hidden = int(cfg.get("hidden_size", 4096))
-        acts = 2 * causal_lm_activation_bytes(batch_size, answers, hidden)
         tokens, rows = LM_PROMPT_TOKENS, batch_size * answers
     else:
         raise DamError(f"adapter {adapter!r}: the estimate knows clip and causal_lm only")
-    if config_file is not None:
-        acts = step_activation_bytes(config_file, adapter, batch_size, answers=answers)
     matmul = sum(_numel(s) for n, s in shapes.items() if len(s) >= 2 and "embed" not in n)
     forward = 2.0 * matmul * tokens
     passes = rows * tasks * (steps * PASSES_PER_STEP + final_steps * PASSES_PER_FINAL_STEP)
@@ -288,7 +307,8 @@ def estimate(
             experts=experts,
             granularity=granularity,
             dual=dual,
-            activation_bytes=acts,
+            activation_bytes=activations.training,
+            forward_bytes=activations.forward,
             tasks=tasks,
             world_size=processes,
             base_bytes=base_bytes,
@@ -371,7 +391,7 @@ def estimate_recipe(
         answers=answers,
         assumed_tflops=assumed_tflops,
         processes=processes,
-        config_file=file,
+        activations=step_activation_bytes(file, cal.adapter, cal.batch_size, answers=answers),
         base_bytes=dtype_bytes(model_config.get("torch_dtype") or model_config.get("dtype")),
         delta_bytes=dtype_bytes(cal.delta_dtype),
         distills=cal.mode == "dam" and cal.perf_loss == "distill",

@@ -71,3 +71,7 @@ class TensorReader:
         if path not in self._files:
             self._files[path] = safe_open(str(path), framework="pt", device="cpu")
         return self._files[path].get_tensor(name)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Let the files' mapped pages go (they are reopened when read again)."""
+        self._files.clear()

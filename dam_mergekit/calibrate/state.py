@@ -255,6 +255,8 @@ class LocalState:
             self.m1_logits[name] = state.s1
             if state.s2 is not None:
                 self.m2_logits[name] = state.s2
+        for reader in self.readers:
+            reader.close()
 
     def _tensor_state(self, name: str) -> TensorState:
         inputs, dev = self.inputs, self.device

@@ -190,14 +190,14 @@ class Calibrator:
         state, world = self.layout.state, self.layout.world
         batch = -(-self.cfg.batch_size // world) if state.splits_data else self.cfg.batch_size
         stored = stored_tensors(self.base_dir, allow_pickle=self.allow_pickle)
+        acts = adapter_activation_bytes(self.adapter, self.cfg.adapter, self.base_dir, batch)
         return peak_memory_bytes(
             self.shapes.values(),
             experts=self.n,
             granularity=self.cfg.granularity,
             dual=self.objective.two_masks,
-            activation_bytes=adapter_activation_bytes(
-                self.adapter, self.cfg.adapter, self.base_dir, batch
-            ),
+            activation_bytes=acts.training,
+            forward_bytes=acts.forward,
             tasks=len(self.tasks),
             world_size=self.layout.world if state.shards_state else 1,
             base_bytes=dtype_bytes(stored[self.names[0]].dtype),

@@ -95,7 +95,9 @@ class CalibrationAdapter(ABC):
         return batch.tensor_split(parts)[part]
 
     def activation_bytes(self, batch_size: int) -> int:
-        """Rough activation memory of one forward+backward at ``batch_size`` (for the estimate)."""
+        """Activation memory of one forward with its backward at ``batch_size``, for the memory
+        estimate (which counts two: clean and perturbed). The built-in adapters' is measured on
+        fake tensors of the base model instead (``estimate.step_activation_bytes``)."""
         return 0
 
     def data_fingerprint(self) -> str:

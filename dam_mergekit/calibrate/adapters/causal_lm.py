@@ -141,9 +141,3 @@ class CausalLMAdapter(CalibrationAdapter):
         ).logits
         scores = answer_token_logprobs(out, batch["labels"])  # [answers * n]
         return scores.view(batch["answers"], batch["n"]).T  # [n, answers]
-
-    def activation_bytes(self, batch_size: int) -> int:
-        from dam_mergekit.calibrate.estimate import causal_lm_activation_bytes
-
-        answers = max(len(a) for a in self.answers.values())
-        return causal_lm_activation_bytes(batch_size, answers, self.hidden or 256)

@@ -98,11 +98,6 @@ class ClipAdapter(CalibrationAdapter):
         x = batch if delta is None else self.perturbation_space(task).apply(batch, delta)
         return clip_logits(model, head, x, self.normalize, params=params)
 
-    def activation_bytes(self, batch_size: int) -> int:
-        from dam_mergekit.calibrate.estimate import clip_activation_bytes
-
-        return clip_activation_bytes(batch_size, next(iter(self.images.values())).shape[1:])
-
 
 def _read_tensor(path: Path, key: str, task: str) -> torch.Tensor:
     from safetensors import safe_open
