@@ -47,6 +47,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", help="measured peak memory beside the estimate: vit-W,llama-W,...")
+    ap.add_argument(
+        "--compare-delta-dtype",
+        metavar="DTYPE",
+        help="with --zoo: the package's default calibration with task vectors in DTYPE against "
+        "float32 (masks and coefficients)",
+    )
+    ap.add_argument("--seed", type=int, default=1000, help="calibration seed of the comparison")
     ap.add_argument("--delta-dtype", default="bfloat16", help="with --sizes (default bfloat16)")
     ap.add_argument("--json", help="with --sizes: also write the rows here")
     ap.add_argument(
@@ -64,6 +71,10 @@ def main(argv=None) -> int:
     if args.sizes:
         args.steps, args.final_steps = args.steps or 2, args.final_steps or 1
         return measure_sizes(args)
+    if args.compare_delta_dtype:
+        if not args.zoo:
+            raise SystemExit("--compare-delta-dtype needs --zoo")
+        return compare_delta_dtype(Path(args.zoo), args.compare_delta_dtype, args.seed)
     args.steps, args.final_steps = args.steps or 20, args.final_steps or 5
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-calib-"))
@@ -279,6 +290,53 @@ def _print_row(r: dict) -> None:
         f"({r['seconds']:.0f} s)",
         flush=True,
     )
+
+
+def compare_delta_dtype(zoo: Path, dtype: str, seed: int) -> int:
+    """Calibrate ``zoo`` with the package's defaults twice, task vectors in float32 and in
+    ``dtype``: the share of mask entries that differ and how far the learned coefficients are."""
+    from dam_mergekit.calibrate import concrete
+    from dam_mergekit.calibrate.config import CalibrationConfig, default_calibration
+    from dam_mergekit.calibrate.trainer import Calibrator
+    from dam_mergekit.recipe.load import load_recipe
+    from dam_mergekit.recipe.plan import plan_recipe
+
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    recipe = {
+        "merge_method": "dam",
+        "base_model": str(zoo / manifest["base"]),
+        "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
+        "parameters": {"calibration": "unused.yml"},
+    }
+    plan = plan_recipe(load_recipe(recipe))
+    results = {}
+    for name in ("float32", dtype):
+        cal = default_calibration("clip", str(zoo), seed=seed, delta_dtype=name)
+        start = time.perf_counter()
+        results[name] = Calibrator(plan, CalibrationConfig.from_dict(cal), progress=False).run(
+            write=False
+        )
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    exact, narrow = results["float32"], results[dtype]
+    differ = total = 0
+    worst = 0.0
+    for name in exact.masks.m1:
+        learned = []
+        for run in (exact, narrow):
+            m1, m2 = run.masks.m1[name].float(), [m.float() for m in run.masks.m2[name]]
+            coef = run.masks.coefficients[name]
+            learned.append(concrete.unfold_rescaling(coef, m1, m2, enabled=True))
+            if run is exact:
+                pairs = [(run.masks.m1[name], narrow.masks.m1[name])]
+                pairs += list(zip(run.masks.m2[name], narrow.masks.m2[name], strict=True))
+                differ += sum(int((a != b).sum()) for a, b in pairs)
+                total += sum(a.numel() for a, _ in pairs)
+        worst = max(worst, float((learned[0] - learned[1]).abs().max()))
+    print(
+        f"zoo {zoo}, calibration seed {seed}: {differ} of {total} mask entries differ "
+        f"({100 * differ / total:.3f} %); learned coefficients at most {worst:.2e} apart"
+    )
+    return 0
 
 
 if __name__ == "__main__":

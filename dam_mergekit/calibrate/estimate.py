@@ -8,8 +8,8 @@ their backward run on fake tensors, and torch's MemTracker reports their peak
 (``step_activation_bytes``).
 
 The formula follows the state's layout (:mod:`dam_mergekit.calibrate.state`): the base in its
-file's dtype, the task vectors in ``delta_dtype``, the mask logits with their gradients and two
-Adam moments in float32, the merged parameters of one step and their gradients (twice with two
+file's dtype, the task vectors in ``delta_dtype``, the mask logits with their two Adam moments
+in float32 (their gradients only while the merge is backwarded), the merged parameters of one step and their gradients (twice with two
 masks: the perturbed forwards run on an M1-detached view with a gradient of its own), one teacher
 formed whole, one tensor's merge formed again with its graph, and one task's clean and perturbed
 forwards with their backward (tasks are backwarded one at a time).
@@ -78,9 +78,13 @@ def peak_memory_bytes(
     largest = max((_numel(s) for s in shapes), default=0)
     logits = sum(_numel(logit_shape(s, granularity)) for s in shapes)
     logits *= (1 + experts) if dual else 1
-    state = params * base_bytes + params * experts * delta_bytes + logits * 4 * BYTES_PER_FLOAT
+    # the logits and their two Adam moments; the logits' gradients exist only while the merge is
+    # backwarded (they are dropped after each mask step)
+    logit_bytes = logits * BYTES_PER_FLOAT
+    state = params * base_bytes + params * experts * delta_bytes + logit_bytes * 3
     if world_size > 1:  # this process's shards, plus one tensor gathered whole
         state = state / world_size + largest * (base_bytes + experts * delta_bytes)
+        logit_bytes = logit_bytes / world_size
     merged = params * BYTES_PER_FLOAT  # one step's merged tensors
     # their gradients, twice with two masks (the perturbed forwards' M1-detached view)
     grads = merged * (2 if dual else 1)
@@ -90,7 +94,7 @@ def peak_memory_bytes(
     # the tasks' forwards and backward, then the merge's backward, one after the other
     teacher_phase = teacher + forward_bytes if distills else 0
     during_tasks = activation_bytes + max(teacher_phase, grads)
-    return int(state + merged + max(during_tasks, grads + remerge))
+    return int(state + merged + max(during_tasks, grads + remerge + logit_bytes))
 
 
 class StepActivations(NamedTuple):
