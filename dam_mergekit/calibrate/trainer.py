@@ -211,11 +211,7 @@ class Calibrator:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free), f"free memory on {self.device}"
-        try:
-            pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            return int(pages), "available RAM"
-        except (ValueError, OSError, AttributeError):
-            return 2**62, "unknown"
+        return available_ram()
 
     def check_memory(self) -> int:
         need = self.estimate_memory()
@@ -581,6 +577,22 @@ class Calibrator:
             ckpt.unlink(missing_ok=True)
         self.state.finish()
         return path
+
+
+def available_ram() -> tuple[int, str]:
+    """RAM a run may take: the kernel's MemAvailable (the page cache of files just written or
+    read counts, as the kernel gives it back), else free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(pages), "free RAM"
+    except (ValueError, OSError, AttributeError):
+        return 2**62, "unknown"
 
 
 def _mean_prob(logits) -> float:
