@@ -157,13 +157,14 @@ def test_estimate_formula_is_the_trainers(tmp_path):
     _, shapes = shapes_from_config(zoo / "base")
     assert shapes == plan.shapes()
     acts = step_activation_bytes(zoo / "base", "clip", 4)
-    assert acts.training > acts.forward > 0
+    assert acts.training > acts.graph > 0 and acts.forward > 0
     expected = peak_memory_bytes(
         shapes.values(),
         experts=2,
         granularity="row",
         dual=True,
         activation_bytes=acts.training,
+        graph_bytes=acts.graph,
         forward_bytes=acts.forward,
         tasks=2,
     )

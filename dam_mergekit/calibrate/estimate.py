@@ -57,6 +57,7 @@ def peak_memory_bytes(
     dual: bool,
     activation_bytes: int,
     tasks: int,
+    graph_bytes: int = 0,
     forward_bytes: int = 0,
     world_size: int = 1,
     base_bytes: int = BYTES_PER_FLOAT,
@@ -65,9 +66,9 @@ def peak_memory_bytes(
 ) -> int:
     """Bytes a calibration run needs at its peak, per process.
 
-    ``activation_bytes`` is the peak of one task's clean and perturbed forwards and their backward
-    and ``forward_bytes`` that of one forward without a graph (the teacher's), both from
-    :func:`step_activation_bytes`: tasks are backwarded one at a time, so ``tasks`` does not
+    ``activation_bytes`` is the peak of one task's clean and perturbed forwards and their
+    backward, ``graph_bytes`` what one forward's graph keeps and ``forward_bytes`` the peak of one
+    forward without a graph (the teacher's), all from :func:`step_activation_bytes`: tasks are backwarded one at a time, so ``tasks`` does not
     multiply them. With ``world_size > 1`` (the FSDP-sharded state) base, task
     vectors and logits are split ``world_size`` ways and one tensor is gathered whole at a time.
     """
@@ -92,20 +93,25 @@ def peak_memory_bytes(
     remerge = largest * experts * 5 * BYTES_PER_FLOAT  # one tensor's merge formed with its graph
     del tasks  # one task's forwards are alive at a time
     # the tasks' forwards and backward, then the merge's backward, one after the other
-    teacher_phase = teacher + forward_bytes if distills else 0
-    during_tasks = activation_bytes + max(teacher_phase, grads)
+    during_tasks = activation_bytes + grads  # the task's backward, into the leaves
+    if distills:  # the teacher's forward after the clean one; it lives through the perturbed one
+        during_tasks = max(
+            during_tasks, graph_bytes + teacher + forward_bytes, 2 * graph_bytes + teacher
+        )
     return int(state + merged + max(during_tasks, grads + remerge + logit_bytes))
 
 
 class StepActivations(NamedTuple):
-    """Activation bytes of one task's step: its clean and perturbed forwards with their backward
-    (``training``), and one forward without a graph, as the teacher's runs (``forward``)."""
+    """Activation bytes of one task's step: the peak of its clean and perturbed forwards with
+    their backward (``training``), what one forward's graph keeps (``graph``), and the peak of
+    one forward without a graph, as the teacher's runs (``forward``)."""
 
     training: int
+    graph: int
     forward: int
 
 
-NO_ACTIVATIONS = StepActivations(0, 0)
+NO_ACTIVATIONS = StepActivations(0, 0, 0)
 
 
 def step_activation_bytes(
@@ -127,6 +133,7 @@ def step_activation_bytes(
         tracker.track_external(model)
         with tracker:
             clean = forward(0.0).sum()
+            graph = _beyond_weights(tracker, "current")
             tracker.reset_mod_stats()  # the model runs twice in one step; the peak stays
             perturbed = forward(0.01).sum()
             (clean + perturbed).backward()
@@ -135,7 +142,7 @@ def step_activation_bytes(
         tracker.track_external(model)
         with tracker, torch.no_grad():
             forward(0.0)
-        return StepActivations(training, _beyond_weights(tracker))
+        return StepActivations(training, graph, _beyond_weights(tracker))
 
 
 def _fake_forward(model, adapter: str, batch_size: int, image_shape, answers: int):
@@ -163,10 +170,10 @@ def _fake_forward(model, adapter: str, batch_size: int, image_shape, answers: in
     raise DamError(f"adapter {adapter!r}: activations are known for clip and causal_lm only")
 
 
-def _beyond_weights(tracker) -> int:
+def _beyond_weights(tracker, when: str = "peak") -> int:
     from torch.distributed._tools.mem_tracker import _MemRefType
 
-    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    peak = next(iter(tracker.get_tracker_snapshot(when).values()))
     weights = (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.GRAD)
     return int(peak["Total"] - sum(peak.get(k, 0) for k in weights))
 
@@ -182,7 +189,7 @@ def adapter_activation_bytes(adapter, name: str, base_dir: str, batch_size: int)
         answers = max(len(a) for a in adapter.answers.values())
         return step_activation_bytes(base_dir, name, batch_size, answers=answers)
     one = int(adapter.activation_bytes(batch_size))
-    return StepActivations(training=2 * one, forward=one)
+    return StepActivations(training=2 * one, graph=one, forward=one)
 
 
 def meta_model_from_config(path: str | Path):
@@ -312,6 +319,7 @@ def estimate(
             granularity=granularity,
             dual=dual,
             activation_bytes=activations.training,
+            graph_bytes=activations.graph,
             forward_bytes=activations.forward,
             tasks=tasks,
             world_size=processes,

@@ -197,6 +197,7 @@ class Calibrator:
             granularity=self.cfg.granularity,
             dual=self.objective.two_masks,
             activation_bytes=acts.training,
+            graph_bytes=acts.graph,
             forward_bytes=acts.forward,
             tasks=len(self.tasks),
             world_size=self.layout.world if state.shards_state else 1,
