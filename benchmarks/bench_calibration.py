@@ -32,6 +32,16 @@ def _tiny_zoo(root: Path) -> Path:
     return write_clip_zoo(root, experts=2, image=16, calib=64)
 
 
+def _zoo_recipe(zoo: Path, manifest: dict) -> dict:
+    """A dam recipe over a zoo's base and experts (the calibration is passed to the trainer)."""
+    return {
+        "merge_method": "dam",
+        "base_model": str(zoo / manifest["base"]),
+        "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
+        "parameters": {"calibration": "unused.yml"},
+    }
+
+
 def main(argv=None) -> int:
     from dam_mergekit.calibrate.config import CalibrationConfig
     from dam_mergekit.calibrate.trainer import Calibrator
@@ -90,12 +100,7 @@ def main(argv=None) -> int:
         "device": args.device,
         "checkpoint_every": 10**6,
     }
-    recipe = {
-        "merge_method": "dam",
-        "base_model": str(zoo / manifest["base"]),
-        "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
-        "parameters": {"calibration": "unused.yml"},
-    }
+    recipe = _zoo_recipe(zoo, manifest)
     plan = plan_recipe(load_recipe(recipe))
     calibrator = Calibrator(plan, CalibrationConfig.from_dict(cal), progress=False)
     if args.device.startswith("cuda"):
@@ -243,12 +248,7 @@ def measure_sizes(args) -> int:
                 "checkpoint_every": 10**6,
                 "adapter_options": {"tasks": [manifest["tasks"][0]["name"]]},
             }
-            recipe = {
-                "merge_method": "dam",
-                "base_model": str(zoo / manifest["base"]),
-                "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
-                "parameters": {"calibration": "unused.yml"},
-            }
+            recipe = _zoo_recipe(zoo, manifest)
             (Path(tmp) / "recipe.yml").write_text(yaml.safe_dump(recipe))
             spec = {
                 "size": size,
@@ -302,12 +302,7 @@ def compare_delta_dtype(zoo: Path, dtype: str, seed: int) -> int:
     from dam_mergekit.recipe.plan import plan_recipe
 
     manifest = json.loads((zoo / "zoo.json").read_text())
-    recipe = {
-        "merge_method": "dam",
-        "base_model": str(zoo / manifest["base"]),
-        "models": [{"model": str(zoo / t["expert"])} for t in manifest["tasks"]],
-        "parameters": {"calibration": "unused.yml"},
-    }
+    recipe = _zoo_recipe(zoo, manifest)
     plan = plan_recipe(load_recipe(recipe))
     results = {}
     for name in ("float32", dtype):
