@@ -50,26 +50,77 @@ def merge_deltas(
     m1: torch.Tensor | None = None,
     m2: Sequence[torch.Tensor | None] | None = None,
     coefficients: Sequence[float] | torch.Tensor | None = None,
+    lean: bool = False,
 ) -> torch.Tensor:
     """:func:`merge_tensor` from the stacked task vectors ``[n, ...]`` (``theta_i - theta0``).
 
     The calibration keeps task vectors rather than experts, possibly in a narrower dtype than
-    the base; they are cast to the base's dtype here, per use.
+    the base; they are cast to the base's dtype here, per use. ``lean`` gives the same values
+    with a backward that keeps no task-vector-sized intermediate (:class:`_LeanMaskedSum`).
     """
     n = deltas.shape[0]
-    deltas = deltas.to(base.dtype)
     keep = _keep_masks(m1, m2, n, base.dim())
-    if keep is not None:
-        deltas = deltas * keep
-    scale = _per_model(weights, n, deltas)
+    scale = _per_model(weights, n, base)
     if coefficients is not None:
-        scale = _per_model(coefficients, n, deltas) * scale
+        scale = _per_model(coefficients, n, base) * scale
     while scale.dim() < deltas.dim():
         scale = scale.unsqueeze(-1)
-    mixed = (deltas * scale).sum(dim=0)
+    if lean:
+        mixed = _LeanMaskedSum.apply(deltas, keep, scale, base)
+    else:
+        mixed = _masked_sum(deltas, keep, scale, base)
     if not (isinstance(lam, (int, float)) and lam == 1):
         mixed = mixed * lam
     return (base + mixed).to(base.dtype)
+
+
+def _masked_sum(deltas, keep, scale, base) -> torch.Tensor:
+    """``sum_i keep_i * scale_i * delta_i``, in the order task arithmetic sums."""
+    deltas = deltas.to(device=base.device, dtype=base.dtype)
+    if keep is not None:
+        deltas = deltas * keep
+    return (deltas * scale).sum(dim=0)
+
+
+class _LeanMaskedSum(torch.autograd.Function):
+    """:func:`_masked_sum` whose backward recomputes each expert's product from the stored task
+    vectors instead of saving ``[n, ...]`` float32 copies: at LLM scale those copies of the
+    largest tensor (an embedding) are larger than everything else the backward needs."""
+
+    @staticmethod
+    def forward(ctx, deltas, keep, scale, base):
+        ctx.save_for_backward(deltas, keep, scale)
+        ctx.has_keep = keep is not None
+        ctx.like = (base.device, base.dtype)
+        with torch.no_grad():
+            return _masked_sum(deltas, keep, scale, base)
+
+    @staticmethod
+    def backward(ctx, grad):
+        deltas, keep, scale = ctx.saved_tensors
+        grad_keep = grad_scale = None
+        want_keep = ctx.has_keep and ctx.needs_input_grad[1]
+        if want_keep:
+            grad_keep = torch.empty_like(keep)
+        if ctx.needs_input_grad[2]:
+            grad_scale = torch.empty_like(scale)
+        for i in range(deltas.shape[0]):
+            product = grad * deltas[i].to(*ctx.like)
+            if want_keep:
+                grad_keep[i] = _sum_to(product * scale[i], keep.shape[1:])
+            if grad_scale is not None:
+                masked = product if keep is None else product * keep[i]
+                grad_scale[i] = _sum_to(masked, scale.shape[1:])
+        return None, grad_keep, grad_scale, None
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` summed down to a broadcastable ``shape`` (the reverse of broadcasting)."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [
+        lead + k for k, s in enumerate(shape) if s == 1 and t.shape[lead + k] != 1
+    ]
+    return t.sum(dim=dims, keepdim=True).reshape(shape) if dims else t.reshape(shape)
 
 
 def _keep_masks(

@@ -26,6 +26,7 @@ PERF_LOSSES = ("entropy", "infomax", "distill")
 TRIGGER_SEARCHES = ("untargeted", "targeted")
 TRAIN_PARTS = ("both", "masks", "coefficients", "m2")
 DELTA_DTYPES = ("float32", "bfloat16")
+MEMORY_LAYOUTS = ("whole", "streamed", "offload")
 # What differs from the CalibrationConfig defaults (validated on CLIP zoos) for the built-in
 # causal-LM adapter, and the released code's settings (mode as_released). recipes/ agrees.
 CAUSAL_LM_SETTINGS: dict[str, Any] = {
@@ -108,6 +109,11 @@ class CalibrationConfig:
     # dtype the task vectors are held in (cast to float32 per use): unset is float32;
     # "bfloat16" halves the largest part of the state at scale
     delta_dtype: str | None = None
+    # where the merged weights live (dam_mergekit/calibrate/streamed.py): "whole" forms them once
+    # per step (fastest); "streamed" forms each inside the module that reads it and again in its
+    # backward (blocks checkpointed); "offload" is streamed with the base and task vectors in host
+    # memory. It changes memory and time, not the masks (not recorded in the mask file).
+    memory: str = "whole"
     checkpoint: str | None = None  # default: next to the mask file
     checkpoint_every: int = 25
     # the pre-merge audit (dam_mergekit.audit) before training: true, or a mapping of its
@@ -183,18 +189,7 @@ class CalibrationConfig:
                 adapter_class(self.adapter)
             except DamError as err:
                 raise bad(f"{err} (the `adapter` setting)") from None
-        for key, allowed in (
-            ("mode", MODES),
-            ("norm", NORMS),
-            ("granularity", GRANULARITIES),
-            ("coefficients", COEFFICIENT_SCOPES),
-            ("safe_loss", SAFE_LOSSES),
-            ("perf_loss", PERF_LOSSES),
-            ("trigger_search", TRIGGER_SEARCHES),
-            ("train", TRAIN_PARTS),
-        ):
-            if getattr(self, key) not in allowed:
-                raise bad(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        self._check_choices(bad)
         if not (isinstance(self.eps, (int, float)) and self.eps > 0 and math.isfinite(self.eps)):
             raise bad(
                 f"eps must be a finite number > 0 (the perturbation's norm bound), got {self.eps!r}"
@@ -245,6 +240,22 @@ class CalibrationConfig:
         check_device(self.device, where)
         self._check_audit(bad)
 
+    def _check_choices(self, bad) -> None:
+        """Settings that take one of a few names."""
+        for key, allowed in (
+            ("mode", MODES),
+            ("norm", NORMS),
+            ("granularity", GRANULARITIES),
+            ("coefficients", COEFFICIENT_SCOPES),
+            ("safe_loss", SAFE_LOSSES),
+            ("perf_loss", PERF_LOSSES),
+            ("trigger_search", TRIGGER_SEARCHES),
+            ("train", TRAIN_PARTS),
+            ("memory", MEMORY_LAYOUTS),
+        ):
+            if getattr(self, key) not in allowed:
+                raise bad(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+
     def _check_audit(self, bad) -> None:
         """The audit settings and what trigger_source needs of them."""
         if not (self.audit is None or isinstance(self.audit, (bool, dict))):
@@ -271,10 +282,12 @@ class CalibrationConfig:
 
     # -- what the mask file records ----------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        """Everything that changes the learned masks (device, checkpointing and budget do not)."""
+        """Everything that changes the learned masks (device, memory layout, checkpointing and
+        budget do not)."""
         out = asdict(self)
         for key in ("source", "checkpoint", "checkpoint_every", "memory_budget_gb", "device"):
             out.pop(key)
+        out.pop("memory")
         out["coef_range"] = list(self.coef_range)
         _drop_unset(out)
         return out
@@ -326,7 +339,7 @@ def check_device(device: str, where: str = "calibration") -> None:
 def default_calibration(adapter: str, data: str, **overrides: Any) -> dict[str, Any]:
     """A whole calibration-file mapping: the defaults for a built-in adapter, then ``overrides``."""
     out = asdict(CalibrationConfig(adapter=adapter, data=data))
-    for key in ("source", "checkpoint", "memory_budget_gb"):
+    for key in ("source", "checkpoint", "memory_budget_gb", "memory"):
         out.pop(key)
     out["coef_range"] = list(out["coef_range"])
     _drop_unset(out)

@@ -19,16 +19,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dam_mergekit.calibrate.state import LocalState, MaskDraw, Params, StateInputs
+from dam_mergekit.calibrate.state import MaskDraw, Params, StateInputs
+from dam_mergekit.calibrate.streamed import one_process_state
 
 
 class DataParallelState:
-    """A :class:`LocalState` in every process, each computing its share of every batch."""
+    """The one-process state (whole or streamed) in every process, each computing its share of every batch."""
 
     shards_state, splits_data = False, True
 
     def __init__(self, inputs: StateInputs, adapter: Any, device: torch.device):
-        self.whole = LocalState(inputs, adapter, device)
+        self.whole = one_process_state(inputs.config)(inputs, adapter, device)
         self.adapter = adapter
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.model, self.pnames, self.noise = self.whole.model, self.whole.pnames, self.whole.noise

@@ -32,6 +32,11 @@ from dam_mergekit.errors import DamError
 
 def check_shardable(config: CalibrationConfig) -> None:
     """Refuse, before anything is loaded, what the sharded state cannot run."""
+    if config.memory != "whole":
+        raise DamError(
+            f"memory: {config.memory} forms merged weights inside the forward, which the sharded "
+            "state does not; use it in one process or with DAM_CALIBRATION_PARALLEL=data"
+        )
     if config.train == "m2":
         raise DamError(
             "train: m2 (the bench's awm row) cannot shard its state; run it in one process or "

@@ -162,7 +162,10 @@ class TensorState(nn.Module):
         ``expert``: expert ``spec["index"]``; ``final``: the masks, rescaling and base the mask
         file and the final merge need."""
         if what == "expert":
-            return self.base.detach().float() + self.deltas[spec["index"]].detach().float()
+            dev = self.s1.device  # the base and task vectors may live elsewhere (offload)
+            return self.base.detach().to(dev, torch.float32) + self.deltas[
+                spec["index"]
+            ].detach().to(dev, torch.float32)
         if what == "final":
             a, b = self._masks(masks, spec)
             r = self._rescale(a, b, spec)
@@ -200,17 +203,25 @@ class TensorState(nn.Module):
 
     def _merge(self, masks, coef, spec):
         a, b = self._masks(masks, spec)
-        base = self.base.float()
+        base = self.base.to(self.s1.device, torch.float32)
 
         def merged(m1):
             c = coef * self._rescale(m1, b, spec)
             return merge_deltas(
-                base, self.deltas, spec["weights"], lam=spec["lam"], m1=m1, m2=b, coefficients=c
+                base,
+                self.deltas,
+                spec["weights"],
+                lam=spec["lam"],
+                m1=m1,
+                m2=b,
+                coefficients=c,
+                lean=spec.get("lean", False),
             )
 
+        detached = None if a is None else a.detach()
         if spec.get("safe_copy"):
-            return merged(a), merged(None if a is None else a.detach())
-        return merged(a)
+            return merged(a), merged(detached)
+        return merged(detached if spec.get("m1_detached") else a)
 
 
 def free_weights(model: nn.Module, names) -> None:
@@ -258,19 +269,23 @@ class LocalState:
         for reader in self.readers:
             reader.close()
 
+    def storage_device(self) -> torch.device:
+        """Where the base and the task vectors live (the logits live on ``self.device``)."""
+        return self.device
+
     def _tensor_state(self, name: str) -> TensorState:
-        inputs, dev = self.inputs, self.device
+        inputs, dev, store = self.inputs, self.device, self.storage_device()
         base = self.readers[0](name)
-        base32 = base.to(device=dev, dtype=torch.float32)
+        base32 = base.to(device=store, dtype=torch.float32)
         delta_dtype = getattr(torch, inputs.config.delta_dtype or "float32")
         deltas = torch.stack(
-            [(r(name).to(device=dev, dtype=torch.float32) - base32) for r in self.readers[1:]]
+            [(r(name).to(device=store, dtype=torch.float32) - base32) for r in self.readers[1:]]
         ).to(delta_dtype)
         n = len(self.readers) - 1
         m2 = inputs.initial_logits(name, dev, n) if inputs.two_masks else None
         stored = base.dtype if base.is_floating_point() else torch.float32
         return TensorState(
-            base.to(device=dev, dtype=stored), deltas, inputs.initial_logits(name, dev), m2
+            base.to(device=store, dtype=stored), deltas, inputs.initial_logits(name, dev), m2
         )
 
     def place(self, state: TensorState) -> TensorState:

@@ -58,7 +58,8 @@ from dam_mergekit.calibrate.models import check_experts
 from dam_mergekit.calibrate.objectives import MaskDraw, Step, objective_for
 from dam_mergekit.calibrate.pairing import task_experts
 from dam_mergekit.calibrate.perturb import Perturbations
-from dam_mergekit.calibrate.state import LocalState, StateInputs, coefficient_row, full
+from dam_mergekit.calibrate.state import StateInputs, coefficient_row, full
+from dam_mergekit.calibrate.streamed import bound, one_process_state
 from dam_mergekit.errors import DamError
 from dam_mergekit.masks import MaskSet, ModelRecord, fingerprint_model, write_mask_file
 from dam_mergekit.masks.file import CALIBRATED
@@ -71,7 +72,7 @@ from dam_mergekit.staging import staged_file
 class StateLayout:
     """Which state a run builds, and this process's place among those that share it."""
 
-    state: type = LocalState
+    state: type | None = None  # None: the one-process state of the config's memory layout
     rank: int = 0
     world: int = 1
 
@@ -184,10 +185,14 @@ class Calibrator:
             lambda msg: self.log(f"calibration: perf_loss distill: {msg}"),
         )
 
+    @property
+    def state_class(self) -> type:
+        return self.layout.state or one_process_state(self.cfg)
+
     # -- memory ------------------------------------------------------------------------------------
     def estimate_memory(self) -> int:
         """Bytes the run needs at its peak, per process (:func:`peak_memory_bytes`)."""
-        state, world = self.layout.state, self.layout.world
+        state, world = self.state_class, self.layout.world
         batch = -(-self.cfg.batch_size // world) if state.splits_data else self.cfg.batch_size
         stored = stored_tensors(self.base_dir, allow_pickle=self.allow_pickle)
         acts = adapter_activation_bytes(self.adapter, self.cfg.adapter, self.base_dir, batch)
@@ -235,7 +240,7 @@ class Calibrator:
         cfg, dev = self.cfg, self.device
         torch.manual_seed(cfg.seed)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
-        self.state = self.layout.state(self.inputs, self.adapter, dev)
+        self.state = self.state_class(self.inputs, self.adapter, dev)
         rows = len(self.names) if cfg.coefficients == "layer" else 1
         self.coef = torch.full((rows, self.n), cfg.coef_init, device=dev, requires_grad=True)
         state = self.state
@@ -266,7 +271,9 @@ class Calibrator:
     def logits(self, params, task: str, x, delta: torch.Tensor | None = None) -> torch.Tensor:
         """The whole batch's logits under ``params`` (with ``delta`` added where it lives)."""
         extra = () if delta is None else (delta,)
-        return self.state.gather(self.adapter.logits(self.state.model, params, task, x, *extra))
+        with bound(params):  # streamed parameters form each weight inside its module
+            logits = self.adapter.logits(self.state.model, params, task, x, *extra)
+        return self.state.gather(logits)
 
     def task_losses(self, params, task: str, x, *, perturbed: bool, safe_params=None):
         """(clean loss L_perf, safety loss) for one batch (clean and perturbed forwards).
