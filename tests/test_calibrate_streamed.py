@@ -7,6 +7,8 @@ cannot run.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from _calib_fixtures import FAST, write_clip_zoo, write_llm_zoo, write_recipe
@@ -34,6 +36,12 @@ def _run_all(tmp_path, zoo, settings, layouts):
     }
 
 
+# A key bias shifts every attention logit of a query by the same amount, so softmax cancels it
+# and its gradient is zero up to rounding; Adam scales that rounding noise to a full step, so its
+# coefficient depends on summation order and is left out of the comparison.
+UNDETERMINED = re.compile(r"k_proj\.bias$")
+
+
 def _agree(a, b) -> float:
     """Largest coefficient difference (relative above 1); asserts equal masks and settings."""
     assert a.settings == b.settings  # the layout is not recorded: same fingerprint
@@ -42,6 +50,8 @@ def _agree(a, b) -> float:
         assert torch.equal(a.masks.m1[name], b.masks.m1[name]), name
         for x, y in zip(a.masks.m2[name], b.masks.m2[name], strict=True):
             assert torch.equal(x, y), name
+        if UNDETERMINED.search(name):
+            continue
         x, y = a.masks.coefficients[name], b.masks.coefficients[name]
         worst = max(worst, float(((x - y).abs() / x.abs().clamp_min(1.0)).max()))
     return worst
@@ -57,6 +67,8 @@ def test_streamed_and_offload_learn_the_whole_masks(tmp_path):
     for layout in ("streamed", "offload"):
         assert _agree(whole, runs[layout]) < 1e-4, layout
         for name, tensor in whole.merged.items():
+            if UNDETERMINED.search(name):
+                continue
             assert torch.allclose(tensor, runs[layout].merged[name], atol=1e-5, rtol=0)
 
 

@@ -19,7 +19,9 @@ Compute is counted in forward-pass equivalents (a backward costs two): per task 
 trainer runs the coefficient step (2 forwards, 2 backwards), the perturbation step (1 + 1 forwards,
 1 backward) and the mask step (2 forwards, 2 backwards), plus one teacher forward in each of the
 coefficient and mask steps with ``perf_loss: distill`` (the default): 18 batch passes; a final
-coefficient step is 11. A forward costs about ``2 * weights * tokens`` FLOPs. Time is that divided
+coefficient step is 11. ``memory: streamed`` and ``offload`` run every checkpointed forward again in
+its backward: 4 more passes per step (the coefficient and mask steps' forwards), 2 per final
+step. A forward costs about ``2 * weights * tokens`` FLOPs. Time is that divided
 by an assumed sustained throughput: a lower bound that ignores the per-step merge and Python
 overhead, and a guess about the device, not a measurement.
 """
@@ -38,6 +40,7 @@ from dam_mergekit.errors import DamError
 BYTES_PER_FLOAT = 4  # what is computed (merged tensors, logits, moments) is float32
 PASSES_PER_STEP = 18  # forward equivalents per task and batch row, one outer step
 PASSES_PER_FINAL_STEP = 11
+RECOMPUTES_PER_STEP, RECOMPUTES_PER_FINAL_STEP = 4, 2  # memory streamed or offload
 ASSUMED_TFLOPS = 50.0  # sustained float32/TF32 throughput for the time guess (an H100-class GPU)
 LM_PROMPT_TOKENS = 64  # the causal_lm adapter's activation estimate assumes this prompt length
 
@@ -101,6 +104,87 @@ def peak_memory_bytes(
     return int(state + merged + max(during_tasks, grads + remerge + logit_bytes))
 
 
+def streamed_peak_bytes(
+    shapes: dict[str, Sequence[int]],
+    *,
+    experts: int,
+    granularity: str,
+    dual: bool,
+    activation_bytes: int,
+    offload: bool = False,
+    base_bytes: int = BYTES_PER_FLOAT,
+    delta_bytes: int = BYTES_PER_FLOAT,
+) -> tuple[int, int]:
+    """``(device bytes, host bytes)`` at the peak of ``memory: streamed`` (host 0) or
+    ``memory: offload`` (:mod:`dam_mergekit.calibrate.streamed`), one process.
+
+    ``activation_bytes`` is one task's step measured as streamed runs it
+    (:func:`step_activation_bytes` with ``checkpointed``): it holds the merged tensors outside the
+    blocks (formed by the clean and by the perturbed forward, kept by the ops that read them until
+    the task's backward) and one block's merged tensors and their gradients while it is
+    recomputed. Besides them the device holds the logits (two Adam moments, one gradient), the
+    base and task vectors (with ``offload``: one tensor's, on its way) and the temporaries of one
+    tensor's merge backward.
+    """
+    from dam_mergekit.calibrate.concrete import logit_shape
+
+    logit_sizes = [_numel(logit_shape(s, granularity)) for s in shapes.values()]
+    logits = sum(logit_sizes) * ((1 + experts) if dual else 1)
+    sizes = [_numel(s) for s in shapes.values()]
+    stored = sum(sizes) * (base_bytes + experts * delta_bytes)
+    largest = max(sizes, default=0)
+    device = logits * BYTES_PER_FLOAT * 4
+    device += largest * (base_bytes + experts * delta_bytes) if offload else stored
+    # one merge's backward: its incoming gradient and products, and the mask samples' graph
+    device += largest * BYTES_PER_FLOAT * 3
+    device += max(logit_sizes, default=0) * (1 + experts) * BYTES_PER_FLOAT * 3
+    return int(device + activation_bytes), int(stored if offload else 0)
+
+
+def layout_peak_bytes(
+    shapes: dict[str, Sequence[int]],
+    *,
+    memory: str,
+    activations: StepActivations,
+    experts: int,
+    granularity: str,
+    dual: bool,
+    tasks: int,
+    world_size: int = 1,
+    base_bytes: int = BYTES_PER_FLOAT,
+    delta_bytes: int = BYTES_PER_FLOAT,
+    distills: bool = True,
+) -> tuple[int, int]:
+    """``(peak bytes of a process's device, bytes offloaded to host memory)`` for a memory
+    layout: the one formula the trainer's check and ``dam-mergekit estimate`` both use."""
+    if memory == "whole":
+        peak = peak_memory_bytes(
+            shapes.values(),
+            experts=experts,
+            granularity=granularity,
+            dual=dual,
+            activation_bytes=activations.training,
+            graph_bytes=activations.graph,
+            forward_bytes=activations.forward,
+            tasks=tasks,
+            world_size=world_size,
+            base_bytes=base_bytes,
+            delta_bytes=delta_bytes,
+            distills=distills,
+        )
+        return peak, 0
+    return streamed_peak_bytes(
+        shapes,
+        experts=experts,
+        granularity=granularity,
+        dual=dual,
+        activation_bytes=activations.training,
+        offload=memory == "offload",
+        base_bytes=base_bytes,
+        delta_bytes=delta_bytes,
+    )
+
+
 class StepActivations(NamedTuple):
     """Activation bytes of one task's step: the peak of its clean and perturbed forwards with
     their backward (``training``), what one forward's graph keeps (``graph``), and the peak of
@@ -115,22 +199,30 @@ NO_ACTIVATIONS = StepActivations(0, 0, 0)
 
 
 def step_activation_bytes(
-    config: str | Path, adapter: str, batch_size: int, *, image_shape=None, answers: int = 2
+    config: str | Path,
+    adapter: str,
+    batch_size: int,
+    *,
+    image_shape=None,
+    answers: int = 2,
+    checkpointed: bool = False,
 ) -> StepActivations:
     """One task's step activations beyond the weights and their gradients: the built-in
     ``adapter``'s forward run on fake tensors (shapes only, nothing computed) of the model
-    ``config`` describes, its peak measured by torch's MemTracker."""
+    ``config`` describes, its peak measured by torch's MemTracker. ``checkpointed``: with every
+    block under activation checkpointing, as ``memory: streamed`` runs them."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     _, cls, model_config = _model_class_and_config(config)
     with FakeTensorMode():
         model = cls(model_config)
-        model.requires_grad_(True)  # the merged weights require grad, so every op saves inputs
+        if checkpointed:
+            _as_formed_weights(model)
+        else:
+            model.requires_grad_(True)  # merged weights require grad: every op saves its inputs
         forward = _fake_forward(model, adapter, batch_size, image_shape, answers)
-        tracker = MemTracker()
-        tracker.track_external(model)
+        tracker = _peak_tracker(model)
         with tracker:
             clean = forward(0.0).sum()
             graph = _beyond_weights(tracker, "current")
@@ -138,11 +230,57 @@ def step_activation_bytes(
             perturbed = forward(0.01).sum()
             (clean + perturbed).backward()
         training = _beyond_weights(tracker)
-        tracker = MemTracker()
-        tracker.track_external(model)
+        tracker = _peak_tracker(model)
         with tracker, torch.no_grad():
             forward(0.0)
         return StepActivations(training, graph, _beyond_weights(tracker))
+
+
+def _peak_tracker(model):
+    """torch's MemTracker for ``model``, keeping the whole step's peak only: its per-module peaks
+    visit every module on every allocation, which grows with depth squared (minutes for a
+    32-layer model under checkpointing)."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakTracker(MemTracker):
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    tracker = PeakTracker()
+    tracker.track_external(model)
+    return tracker
+
+
+def _as_formed_weights(model) -> None:
+    """Run ``model`` as ``memory: streamed`` does: every weight formed when its module reads it
+    (here ``weight * scale``, ``scale`` the one leaf: no weight-sized gradient stays) and every
+    block checkpointed, so the formed weights count where they live (outside the blocks: until
+    the backward; inside: during a block's forward or recompute)."""
+    import torch
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    from dam_mergekit.calibrate.streamed import checkpoint_blocks, no_context
+
+    class Scaled(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight * scale
+
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    scale = torch.ones((), requires_grad=True)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    checkpoint_blocks(model, names, lambda: no_context)
+    for pname in names:  # a tied weight is formed by each module that reads it
+        module_name, _, attr = pname.rpartition(".")
+        module = model.get_submodule(module_name)
+        weight = getattr(module, attr).detach()
+        delattr(module, attr)  # a buffer: the tracker counts it with the weights, no grad hooks
+        module.register_buffer(attr, weight)
+        parametrize.register_parametrization(module, attr, Scaled(), unsafe=True)
 
 
 def _fake_forward(model, adapter: str, batch_size: int, image_shape, answers: int):
@@ -178,16 +316,22 @@ def _beyond_weights(tracker, when: str = "peak") -> int:
     return int(peak["Total"] - sum(peak.get(k, 0) for k in weights))
 
 
-def adapter_activation_bytes(adapter, name: str, base_dir: str, batch_size: int) -> StepActivations:
+def adapter_activation_bytes(
+    adapter, name: str, base_dir: str, batch_size: int, *, checkpointed: bool = False
+) -> StepActivations:
     """One task's step activations for a calibration's adapter: measured on fake tensors of the
     base's config.json for the built-in adapters; from a user adapter's per-forward estimate
     else."""
     if name == "clip":
         shape = tuple(adapter.perturbation_space(adapter.tasks()[0]).shape)
-        return step_activation_bytes(base_dir, name, batch_size, image_shape=shape)
+        return step_activation_bytes(
+            base_dir, name, batch_size, image_shape=shape, checkpointed=checkpointed
+        )
     if name == "causal_lm":
         answers = max(len(a) for a in adapter.answers.values())
-        return step_activation_bytes(base_dir, name, batch_size, answers=answers)
+        return step_activation_bytes(
+            base_dir, name, batch_size, answers=answers, checkpointed=checkpointed
+        )
     one = int(adapter.activation_bytes(batch_size))
     return StepActivations(training=2 * one, graph=one, forward=one)
 
@@ -264,6 +408,8 @@ class Estimate:
     assumed_tflops: float
     hours_at_assumed: float
     processes: int = 1  # FSDP-sharded calibration (torchrun); every process runs every batch
+    memory: str = "whole"  # the calibration's memory layout
+    host_bytes: int = 0  # what ``memory: offload`` keeps in host memory (not in the peak)
 
 
 def estimate(
@@ -286,9 +432,11 @@ def estimate(
     base_bytes: int = BYTES_PER_FLOAT,
     delta_bytes: int = BYTES_PER_FLOAT,
     distills: bool = True,
+    memory: str = "whole",
 ) -> Estimate:
     """Memory and compute of calibrating ``experts`` models of these shapes on ``tasks`` tasks;
-    ``activations`` are one task's step (:func:`step_activation_bytes`)."""
+    ``activations`` are one task's step (:func:`step_activation_bytes`, with the blocks
+    checkpointed unless ``memory`` is ``whole``)."""
     cfg = raw_config or {}
     params = sum(_numel(s) for s in shapes.values())
     if adapter == "clip":
@@ -301,8 +449,24 @@ def estimate(
         raise DamError(f"adapter {adapter!r}: the estimate knows clip and causal_lm only")
     matmul = sum(_numel(s) for n, s in shapes.items() if len(s) >= 2 and "embed" not in n)
     forward = 2.0 * matmul * tokens
-    passes = rows * tasks * (steps * PASSES_PER_STEP + final_steps * PASSES_PER_FINAL_STEP)
+    per_step, per_final = PASSES_PER_STEP, PASSES_PER_FINAL_STEP
+    if memory != "whole":
+        per_step, per_final = per_step + RECOMPUTES_PER_STEP, per_final + RECOMPUTES_PER_FINAL_STEP
+    passes = rows * tasks * (steps * per_step + final_steps * per_final)
     total = forward * passes
+    peak, host = layout_peak_bytes(
+        shapes,
+        memory=memory,
+        experts=experts,
+        granularity=granularity,
+        dual=dual,
+        activations=activations,
+        tasks=tasks,
+        world_size=processes,
+        base_bytes=base_bytes,
+        delta_bytes=delta_bytes,
+        distills=distills,
+    )
     return Estimate(
         architecture=architecture,
         tensors=len(shapes),
@@ -313,26 +477,15 @@ def estimate(
         batch_size=batch_size,
         steps=steps,
         final_steps=final_steps,
-        peak_memory_bytes=peak_memory_bytes(
-            shapes.values(),
-            experts=experts,
-            granularity=granularity,
-            dual=dual,
-            activation_bytes=activations.training,
-            graph_bytes=activations.graph,
-            forward_bytes=activations.forward,
-            tasks=tasks,
-            world_size=processes,
-            base_bytes=base_bytes,
-            delta_bytes=delta_bytes,
-            distills=distills,
-        ),
+        peak_memory_bytes=peak,
         weights_bytes=params * (base_bytes + experts * delta_bytes),
         forward_flops=forward,
         total_flops=total,
         assumed_tflops=assumed_tflops,
         hours_at_assumed=total / (assumed_tflops * 1e12) / 3600,
         processes=processes,
+        memory=memory,
+        host_bytes=host,
     )
 
 
@@ -370,6 +523,11 @@ def estimate_recipe(
     cal = CalibrationConfig.from_dict(
         {**settings, "data": ".", "device": "cpu"}, where=str(calibration)
     )
+    if processes > 1 and cal.memory != "whole":
+        raise DamError(
+            f"{calibration}: memory {cal.memory} runs in one process or data-parallel; "
+            "--processes estimates the sharded state, which forms merged tensors whole"
+        )
     source = Path(config) if config else Path(base)
     if not (source / "config.json").is_file() and not source.is_file():
         raise DamError(
@@ -403,10 +561,13 @@ def estimate_recipe(
         answers=answers,
         assumed_tflops=assumed_tflops,
         processes=processes,
-        activations=step_activation_bytes(file, cal.adapter, cal.batch_size, answers=answers),
+        activations=step_activation_bytes(
+            file, cal.adapter, cal.batch_size, answers=answers, checkpointed=cal.memory != "whole"
+        ),
         base_bytes=dtype_bytes(model_config.get("torch_dtype") or model_config.get("dtype")),
         delta_bytes=dtype_bytes(cal.delta_dtype),
         distills=cal.mode == "dam" and cal.perf_loss == "distill",
+        memory=cal.memory,
     )
 
 
@@ -418,11 +579,12 @@ def dtype_bytes(name: str | None) -> int:
 
 def format_estimate(e: Estimate, name: str) -> str:
     gib = 2**30
-    where = (
-        f"per process, state sharded over {e.processes} processes"
-        if e.processes > 1
-        else "of which base+expert weights " + f"{e.weights_bytes / gib:.1f} GiB"
-    )
+    if e.processes > 1:
+        where = f"per process, state sharded over {e.processes} processes"
+    elif e.memory == "offload":
+        where = f"memory offload: device; base+expert weights in host memory, {e.host_bytes / gib:.1f} GiB"
+    else:
+        where = f"memory {e.memory}: of which base+expert weights {e.weights_bytes / gib:.1f} GiB"
     return (
         f"{name}: {e.architecture}, {e.tensors} tensors, {e.parameters / 1e6:.1f}M parameters, "
         f"{e.experts} experts, {e.tasks} tasks, granularity {e.granularity}, batch {e.batch_size}, "

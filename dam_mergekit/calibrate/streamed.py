@@ -25,7 +25,7 @@ price is compute: every forward merges, and every block merges again in its back
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -81,11 +81,11 @@ def bound(params: Any):
     """The context a forward under ``params`` runs in (a binding, for streamed parameters)."""
     if isinstance(params, StreamedParams):
         return params.state.bound(params.binding)
-    return _nothing()
+    return no_context()
 
 
 @contextmanager
-def _nothing() -> Iterator[None]:
+def no_context() -> Iterator[None]:
     yield
 
 
@@ -130,6 +130,13 @@ class StreamedState(LocalState):
         finally:
             self.binding = before
 
+    def recompute_context(self) -> Callable | None:
+        """The binding a block starting now must be recomputed under (None: no recompute)."""
+        binding = self.binding
+        if binding is None or binding.in_block:
+            return None
+        return lambda: self.bound(binding, in_block=True)
+
     def form(self, name: str) -> torch.Tensor:
         """Tensor ``name`` of the bound forward: merged, or an expert's."""
         binding = self.binding
@@ -170,8 +177,7 @@ def install(model: nn.Module, state: StreamedState) -> None:
     if getattr(model.config, "use_cache", None):  # a cache would grow on every recompute
         model.config.use_cache = False
     merged = set(state.planned)
-    for prefix in sorted({b for b in map(block_of, merged) if b is not None}):
-        _checkpoint_block(model.get_submodule(prefix), state)
+    checkpoint_blocks(model, merged, state.recompute_context)
     owners: dict[int, str] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), pname)
@@ -193,18 +199,28 @@ def block_of(pname: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _checkpoint_block(block: nn.Module, state: StreamedState) -> None:
-    """Run ``block`` under activation checkpointing, its recompute under the binding it ran
-    with (the backward of one task covers a clean and a perturbed forward)."""
+def checkpoint_blocks(
+    model: nn.Module, pnames: Iterable[str], capture: Callable[[], Callable | None]
+) -> None:
+    """Run every block that holds one of ``pnames`` under activation checkpointing.
+
+    ``capture()``, called as a block starts, gives the context its recompute must run in (the
+    binding of the forward being recomputed: one task's backward covers a clean and a perturbed
+    forward), or None to run the block as it is."""
+    for prefix in sorted({b for b in map(block_of, pnames) if b is not None}):
+        _checkpoint_block(model.get_submodule(prefix), capture)
+
+
+def _checkpoint_block(block: nn.Module, capture: Callable[[], Callable | None]) -> None:
     inner = block.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        binding = state.binding
-        if binding is None or binding.in_block or not torch.is_grad_enabled():
+        context = capture() if torch.is_grad_enabled() else None
+        if context is None:
             return inner(*args, **kwargs)
 
         def run(*a: Any, **k: Any) -> Any:
-            with state.bound(binding, in_block=True):
+            with context():
                 return inner(*a, **k)
 
         return checkpoint(run, *args, use_reentrant=False, **kwargs)

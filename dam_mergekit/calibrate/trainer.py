@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from dam_mergekit.calibrate import checkpoint
 from dam_mergekit.calibrate.adapters import make_adapter
 from dam_mergekit.calibrate.config import CalibrationConfig
-from dam_mergekit.calibrate.estimate import adapter_activation_bytes, dtype_bytes, peak_memory_bytes
+from dam_mergekit.calibrate.estimate import adapter_activation_bytes, dtype_bytes, layout_peak_bytes
 from dam_mergekit.calibrate.models import check_experts
 from dam_mergekit.calibrate.objectives import MaskDraw, Step, objective_for
 from dam_mergekit.calibrate.pairing import task_experts
@@ -190,26 +190,32 @@ class Calibrator:
         return self.layout.state or one_process_state(self.cfg)
 
     # -- memory ------------------------------------------------------------------------------------
+    host_bytes = 0
+
     def estimate_memory(self) -> int:
-        """Bytes the run needs at its peak, per process (:func:`peak_memory_bytes`)."""
+        """Bytes the run needs on its device at the peak, per process (:func:`layout_peak_bytes`);
+        what ``memory: offload`` keeps in host memory is ``self.host_bytes``."""
         state, world = self.state_class, self.layout.world
         batch = -(-self.cfg.batch_size // world) if state.splits_data else self.cfg.batch_size
         stored = stored_tensors(self.base_dir, allow_pickle=self.allow_pickle)
-        acts = adapter_activation_bytes(self.adapter, self.cfg.adapter, self.base_dir, batch)
-        return peak_memory_bytes(
-            self.shapes.values(),
+        memory = self.cfg.memory
+        acts = adapter_activation_bytes(
+            self.adapter, self.cfg.adapter, self.base_dir, batch, checkpointed=memory != "whole"
+        )
+        peak, self.host_bytes = layout_peak_bytes(
+            self.shapes,
+            memory=memory,
+            activations=acts,
             experts=self.n,
             granularity=self.cfg.granularity,
             dual=self.objective.two_masks,
-            activation_bytes=acts.training,
-            graph_bytes=acts.graph,
-            forward_bytes=acts.forward,
             tasks=len(self.tasks),
             world_size=self.layout.world if state.shards_state else 1,
             base_bytes=dtype_bytes(stored[self.names[0]].dtype),
             delta_bytes=dtype_bytes(self.cfg.delta_dtype),
             distills=self.objective.distills,
         )
+        return peak
 
     def available_memory(self) -> tuple[int, str]:
         if self.cfg.memory_budget_gb is not None:
@@ -221,6 +227,15 @@ class Calibrator:
 
     def check_memory(self) -> int:
         need = self.estimate_memory()
+        if self.host_bytes and self.device.type == "cpu":
+            need += self.host_bytes  # offloaded to where it already is
+        elif self.host_bytes:
+            host, what = available_ram()
+            if self.host_bytes > host:
+                raise DamError(
+                    f"memory: offload keeps about {self.host_bytes / 2**30:.2f} GiB in host "
+                    f"memory but {what} is {host / 2**30:.2f} GiB"
+                )
         have, what = self.available_memory()
         self.log(
             f"calibration: {len(self.names)} tensors, {self.n} experts, {len(self.tasks)} "
