@@ -65,6 +65,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--seed", type=int, default=1000, help="calibration seed of the comparison")
     ap.add_argument("--delta-dtype", default="bfloat16", help="with --sizes (default bfloat16)")
+    ap.add_argument(
+        "--memory",
+        default="whole",
+        choices=["whole", "streamed", "offload"],
+        help="with --sizes: the calibration's memory layout (default whole)",
+    )
     ap.add_argument("--json", help="with --sizes: also write the rows here")
     ap.add_argument(
         "--malloc",
@@ -215,7 +221,8 @@ def _measure_one(spec: dict) -> int:
         "size": spec["size"],
         "parameters": params,
         "experts": len(plan.experts),
-        "estimate_bytes": calibrator.estimate_memory(),
+        # on a cpu device what offload keeps in host memory is in the same resident memory
+        "estimate_bytes": calibrator.estimate_memory() + calibrator.host_bytes,
         "measured_bytes": peak - before,
         "seconds": time.perf_counter() - start,
     }
@@ -245,6 +252,7 @@ def measure_sizes(args) -> int:
                 "steps": args.steps,
                 "final_steps": args.final_steps,
                 "delta_dtype": args.delta_dtype,
+                "memory": args.memory,
                 "checkpoint_every": 10**6,
                 "adapter_options": {"tasks": [manifest["tasks"][0]["name"]]},
             }
@@ -276,7 +284,8 @@ def measure_sizes(args) -> int:
     worst = max(abs(r["estimate_bytes"] / r["measured_bytes"] - 1) for r in rows)
     print(
         f"largest disagreement {100 * worst:.1f} % (target: within 20 % at every size); "
-        f"malloc {args.malloc}, delta_dtype {args.delta_dtype}, {args.steps}+{args.final_steps} steps"
+        f"malloc {args.malloc}, delta_dtype {args.delta_dtype}, memory {args.memory}, "
+        f"{args.steps}+{args.final_steps} steps"
     )
     return 0
 

@@ -407,6 +407,7 @@ class Estimate:
     total_flops: float
     assumed_tflops: float
     hours_at_assumed: float
+    step_seconds_at_assumed: float = 0.0  # one outer step (every task), at the assumed throughput
     processes: int = 1  # FSDP-sharded calibration (torchrun); every process runs every batch
     memory: str = "whole"  # the calibration's memory layout
     host_bytes: int = 0  # what ``memory: offload`` keeps in host memory (not in the peak)
@@ -483,6 +484,7 @@ def estimate(
         total_flops=total,
         assumed_tflops=assumed_tflops,
         hours_at_assumed=total / (assumed_tflops * 1e12) / 3600,
+        step_seconds_at_assumed=forward * rows * tasks * per_step / (assumed_tflops * 1e12),
         processes=processes,
         memory=memory,
         host_bytes=host,
@@ -582,16 +584,18 @@ def format_estimate(e: Estimate, name: str) -> str:
     if e.processes > 1:
         where = f"per process, state sharded over {e.processes} processes"
     elif e.memory == "offload":
-        where = f"memory offload: device; base+expert weights in host memory, {e.host_bytes / gib:.1f} GiB"
+        where = f"on the device; base+expert weights in host memory: {e.host_bytes / gib:.1f} GiB"
     else:
-        where = f"memory {e.memory}: of which base+expert weights {e.weights_bytes / gib:.1f} GiB"
+        where = f"of which base+expert weights {e.weights_bytes / gib:.1f} GiB"
     return (
         f"{name}: {e.architecture}, {e.tensors} tensors, {e.parameters / 1e6:.1f}M parameters, "
         f"{e.experts} experts, {e.tasks} tasks, granularity {e.granularity}, batch {e.batch_size}, "
         f"{e.steps}+{e.final_steps} steps\n"
-        f"  estimated peak memory {e.peak_memory_bytes / gib:.1f} GiB ({where})\n"
+        f"  estimated peak memory {e.peak_memory_bytes / gib:.1f} GiB with memory: {e.memory} "
+        f"({where})\n"
         f"  compute {e.total_flops / 1e15:.1f} PFLOP ({e.forward_flops / 1e9:.1f} GFLOP per "
-        f"input forward): at least {e.hours_at_assumed * 60:.0f} min at an assumed "
+        f"input forward): at least {e.hours_at_assumed * 60:.0f} min, "
+        f"{e.step_seconds_at_assumed:.2g} s per step, at an assumed "
         f"{e.assumed_tflops:.0f} TFLOP/s (FLOPs only; a lower bound)"
     )
 
