@@ -37,8 +37,17 @@ def merge_tensor(
     """
     if len(experts) == 0:
         return base
-    deltas = torch.stack([e - base for e in experts])
-    return merge_deltas(base, deltas, weights, lam=lam, m1=m1, m2=m2, coefficients=coefficients)
+    if _needs_grad(base, *experts, weights, lam, m1, *(m2 or ()), coefficients):
+        deltas = torch.stack([e - base for e in experts])
+        in_place = False
+    else:  # mergekit's kernel: one buffer, filled and scaled in place, as task_arithmetic does
+        deltas = base.new_empty((len(experts), *base.shape))
+        for index, expert in enumerate(experts):
+            deltas[index] = expert - base
+        in_place = True
+    return merge_deltas(
+        base, deltas, weights, lam=lam, m1=m1, m2=m2, coefficients=coefficients, _in_place=in_place
+    )
 
 
 def merge_deltas(
@@ -51,12 +60,14 @@ def merge_deltas(
     m2: Sequence[torch.Tensor | None] | None = None,
     coefficients: Sequence[float] | torch.Tensor | None = None,
     lean: bool = False,
+    _in_place: bool = False,
 ) -> torch.Tensor:
     """:func:`merge_tensor` from the stacked task vectors ``[n, ...]`` (``theta_i - theta0``).
 
     The calibration keeps task vectors rather than experts, possibly in a narrower dtype than
     the base; they are cast to the base's dtype here, per use. ``lean`` gives the same values
     with a backward that keeps no task-vector-sized intermediate (:class:`_LeanMaskedSum`).
+    ``_in_place`` (for :func:`merge_tensor`'s own buffer, with no gradient) overwrites ``deltas``.
     """
     n = deltas.shape[0]
     keep = _keep_masks(m1, m2, n, base.dim())
@@ -68,15 +79,19 @@ def merge_deltas(
     if lean:
         mixed = _LeanMaskedSum.apply(deltas, keep, scale, base)
     else:
-        mixed = _masked_sum(deltas, keep, scale, base)
+        mixed = _masked_sum(deltas, keep, scale, base, in_place=_in_place)
     if not (isinstance(lam, (int, float)) and lam == 1):
-        mixed = mixed * lam
+        mixed = mixed.mul_(lam) if _in_place else mixed * lam
     return (base + mixed).to(base.dtype)
 
 
-def _masked_sum(deltas, keep, scale, base) -> torch.Tensor:
+def _masked_sum(deltas, keep, scale, base, *, in_place: bool = False) -> torch.Tensor:
     """``sum_i keep_i * scale_i * delta_i``, in the order task arithmetic sums."""
     deltas = deltas.to(device=base.device, dtype=base.dtype)
+    if in_place:  # no [n, ...] temporaries: the merge of a large tensor stays at one buffer
+        if keep is not None:
+            deltas.mul_(keep)
+        return deltas.mul_(scale).sum(dim=0)
     if keep is not None:
         deltas = deltas * keep
     return (deltas * scale).sum(dim=0)
@@ -112,6 +127,13 @@ class _LeanMaskedSum(torch.autograd.Function):
                 masked = product if keep is None else product * keep[i]
                 grad_scale[i] = _sum_to(masked, scale.shape[1:])
         return None, grad_keep, grad_scale, None
+
+
+def _needs_grad(*values) -> bool:
+    """Whether autograd must see the merge (the trainer), rather than mergekit's plain kernel."""
+    return torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in values
+    )
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:

@@ -65,3 +65,21 @@ def test_wrong_counts_are_refused():
         merge_tensor(base, experts, [1, 1])
     with pytest.raises(ValueError, match="2 backdoor masks for 3 experts"):
         merge_tensor(base, experts, [1, 1, 1], m2=[None, None])
+
+
+def test_kernel_path_leaves_its_inputs_alone_and_matches_the_differentiable_one():
+    """mergekit's call (no gradient) scales one buffer in place; the trainer's keeps a graph."""
+    base, experts = _tensors(seed=1)
+    kept = [base.clone(), *(e.clone() for e in experts)]
+    m1 = (torch.rand(base.shape[0], 1) > 0.3).float()
+    m2 = [(torch.rand(base.shape) > 0.5).float() for _ in experts]
+    coefficients = torch.tensor([0.2, 0.7, 0.4])
+    args = dict(lam=0.3, m1=m1, m2=m2, coefficients=coefficients)
+    plain = merge_tensor(base, experts, [0.5, 1.0, 0.8], **args)
+    assert all(torch.equal(a, b) for a, b in zip(kept, [base, *experts], strict=True))
+    learned = coefficients.clone().requires_grad_()
+    graphed = merge_tensor(base, experts, [0.5, 1.0, 0.8], **{**args, "coefficients": learned})
+    assert graphed.requires_grad and not plain.requires_grad
+    assert torch.equal(plain, graphed.detach())
+    graphed.sum().backward()
+    assert learned.grad is not None and learned.grad.abs().sum() > 0
