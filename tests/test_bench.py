@@ -28,6 +28,7 @@ def test_bench_end_to_end(tiny_zoo, tmp_path):  # noqa: F811
         "ties",
         "dare_ties",
         "task_arithmetic_clean_control",
+        "task_arithmetic_backdoor_third",
         "expert:digits",
         "control:digits",
         "distill",
@@ -221,3 +222,18 @@ def test_demo_leaves_the_release_reproduction_to_bench(tiny_zoo, tmp_path, monke
     # the release's 1000 + 1000 steps and the audit-driven row are left to the bench
     assert asked["only"] == [n for n in every if n not in ("dam_as_released", "dam_audit")]
     assert {"dam", "distill", "task_arithmetic"} <= set(asked["only"])
+
+
+def test_backdoor_third_cuts_only_the_backdoored_experts_weight(tiny_zoo, tmp_path):  # noqa: F811
+    from dam_mergekit.lab.bench.methods import backdoor_third_recipe, task_arithmetic_recipe
+    from dam_mergekit.lab.zoo.manifest import load_manifest
+
+    manifest = load_manifest(tiny_zoo)
+    cut = backdoor_third_recipe(tiny_zoo, manifest, tmp_path)
+    plain = task_arithmetic_recipe(tiny_zoo, manifest, tmp_path)
+    for task, ours, theirs in zip(manifest["tasks"], cut["models"], plain["models"], strict=True):
+        assert ours["model"] == theirs["model"]
+        third = theirs["parameters"]["weight"] / 3
+        want = third if task["backdoored"] else theirs["parameters"]["weight"]
+        assert ours["parameters"]["weight"] == pytest.approx(want), task["name"]
+    assert any(t["backdoored"] for t in manifest["tasks"])

@@ -86,6 +86,9 @@ def test_bad_options_refused_before_writing(tmp_path):
         {"target_class": 9},
         {"tasks": ["digits", "nope"]},
         {"attack_mode": "x"},
+        {"merge_scale": [0.5, 0.1]},
+        {"merge_scale": [0.0, 1.0]},
+        {"merge_scale": "low"},
     ):
         with pytest.raises(DamError):
             build_zoo(tmp_path / "z", {**TINY, **bad})
@@ -99,3 +102,28 @@ def test_poison_split_leaves_target_out():
     idx = poison_split(y, 0, 0.1, seed=0)
     assert len(idx) == 10 and torch.all(y[idx] != 0)
     assert torch.equal(idx, poison_split(y, 0, 0.1, seed=0))
+
+
+def test_scale_min_reaches_the_attacker_only(tiny_zoo, tmp_path, monkeypatch):  # noqa: F811
+    """``zoo build --scale-min`` sets the low end of the attacker's simulated merges: the
+    backdoored expert changes, the clean experts and controls do not."""
+    import argparse
+
+    from dam_mergekit.lab.zoo import cli
+
+    seen = {}
+    monkeypatch.setattr(
+        "dam_mergekit.lab.zoo.build.build_zoo", lambda out, options, force: seen.update(options)
+    )
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    cli._run_build(parser.parse_args(["zoo", "build", "--out", "x", "--scale-min", "0.05"]))
+    assert seen["merge_scale"] == [0.05, 1.0]
+    monkeypatch.undo()
+    low = build_zoo(tmp_path / "low", {**TINY, "merge_scale": [0.05, 0.1]})
+    assert load_manifest(low)["options"]["merge_scale"] == [0.05, 0.1]
+    assert load_manifest(tiny_zoo)["options"]["merge_scale"] == [0.2, 1.0]
+    for task, changed in (("digits", True), ("shapes", False)):
+        a = load_file(str(tiny_zoo / "experts" / task / "model.safetensors"))
+        b = load_file(str(low / "experts" / task / "model.safetensors"))
+        assert any(not torch.equal(a[k], b[k]) for k in a) == changed, task

@@ -20,6 +20,9 @@ UNDEFENDED = ("task_arithmetic", "ties", "dare_ties", "distill")
 """Merges without any defense; a defense is judged against the most accurate of them."""
 NO_BACKDOOR = "task_arithmetic_clean_control"
 """Task arithmetic with the backdoored experts swapped for their clean controls."""
+DOWN_WEIGHTED = "task_arithmetic_backdoor_third"
+"""Task arithmetic with each backdoored expert's weight cut to a third: does the attack survive
+down-weighting? A probe of the attack (it reads which expert is backdoored), not a baseline."""
 
 
 def seed_split(seed: int) -> str:

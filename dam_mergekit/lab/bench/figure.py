@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dam_mergekit.lab.protocol import NO_BACKDOOR, UNDEFENDED, best_undefended
+from dam_mergekit.lab.protocol import DOWN_WEIGHTED, NO_BACKDOOR, UNDEFENDED, best_undefended
 
 BARS = (  # key, p0 key, label, colour, hatch
     ("acc_avg", None, "clean accuracy (mean over tasks)", "tab:blue", ""),
@@ -27,7 +27,7 @@ BARS = (  # key, p0 key, label, colour, hatch
 def method_groups(names: list[str]) -> list[tuple[str, list[str]]]:
     """The bench's rows as (group title, names): single models, undefended merges, defenses."""
     single = [n for n in names if n == "pretrained" or n.startswith(("expert:", "control:"))]
-    undefended = [n for n in names if n in UNDEFENDED or n == NO_BACKDOOR]
+    undefended = [n for n in names if n in UNDEFENDED or n in (NO_BACKDOOR, DOWN_WEIGHTED)]
     defenses = [n for n in names if n not in single and n not in undefended]
     groups = [("single models", single), ("undefended merges", undefended), ("defenses", defenses)]
     return [(title, members) for title, members in groups if members]

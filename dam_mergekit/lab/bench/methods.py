@@ -11,6 +11,9 @@ Methods (settings fixed here, from the literature, not tuned on any zoo):
   mean, lambda 1 (Yu et al. 2024); the drop is seeded from the zoo seed.
 - ``task_arithmetic_clean_control``: task arithmetic with every backdoored expert replaced by its
   clean control: the ASR a merge shows without any backdoor.
+- ``task_arithmetic_backdoor_third``: task arithmetic with each backdoored expert's weight cut
+  to a third (0.1): a probe of whether the attack survives down-weighting (it reads which expert
+  is backdoored, so it is never a baseline a defense is judged against).
 - ``distill``: the calibration's clean objective alone (``alpha: 0``: no safety term, hence no
   trigger search): masks and coefficients learned by distilling each task's expert. The
   undefended merge that ``dam`` modifies, so the one its cost is read against.
@@ -42,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.bench.merging import merge_recipe
-from dam_mergekit.lab.protocol import calibration_seed
+from dam_mergekit.lab.protocol import DOWN_WEIGHTED, calibration_seed
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +120,14 @@ def clean_control_recipe(zoo: Path, manifest: dict, work: Path) -> dict:
     return _recipe(
         zoo, manifest, "task_arithmetic", {"weight": 0.3}, {"normalize": False}, controls=True
     )
+
+
+def backdoor_third_recipe(zoo: Path, manifest: dict, work: Path) -> dict:
+    recipe = task_arithmetic_recipe(zoo, manifest, work)
+    for entry, task in zip(recipe["models"], manifest["tasks"], strict=True):
+        if task["backdoored"]:
+            entry["parameters"]["weight"] = 0.3 / 3
+    return recipe
 
 
 def _zoo_seed(manifest: dict) -> int:
@@ -255,6 +266,7 @@ _MERGES: dict[str, RecipeBuilder] = {
     "ties": ties_recipe,
     "dare_ties": dare_ties_recipe,
     "task_arithmetic_clean_control": clean_control_recipe,
+    DOWN_WEIGHTED: backdoor_third_recipe,
 }
 # Undefended merges learned by the calibration: name -> settings over the package defaults.
 _LEARNED_MERGES: dict[str, dict[str, Any]] = {"distill": {"alpha": 0.0}}

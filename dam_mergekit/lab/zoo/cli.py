@@ -7,6 +7,7 @@ import time
 
 from dam_mergekit.lab.kinds import KINDS
 from dam_mergekit.lab.zoo.clip_options import CLIP_DEFAULTS
+from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE
 
 
 def add_parser(subparsers) -> None:
@@ -30,6 +31,13 @@ def add_parser(subparsers) -> None:
         choices=("standard", "merge-aware"),
         help="plain poisoned fine-tuning or poisoned steps through a simulated merge "
         "(default merge-aware)",
+    )
+    b.add_argument(
+        "--scale-min",
+        type=float,
+        help="lowest merge coefficient the merge-aware attacker trains for: its simulated "
+        f"merges draw coefficients from [S, {MERGE_SCALE[1]:g}] "
+        f"(default {MERGE_SCALE[0]:g}; a lower S survives down-weighting)",
     )
     b.add_argument("--backdoored", type=int, help="how many tasks (the first N) get a backdoor")
     b.add_argument("--target-class", type=int, help="class index the trigger maps to (default 0)")
@@ -96,6 +104,8 @@ def _run_build(args: argparse.Namespace) -> int:
         "pretrain_steps": args.pretrain_steps,
         "expert_steps": args.expert_steps,
     }
+    if args.scale_min is not None:
+        options["merge_scale"] = [args.scale_min, MERGE_SCALE[1]]
     start = time.perf_counter()
     out = build_zoo(args.out, {k: v for k, v in options.items() if v is not None}, force=args.force)
     print(f"zoo at {out} ({time.perf_counter() - start:.1f} s)")

@@ -13,7 +13,8 @@
    trigger and the target label). Mode ``standard`` stops there. Mode ``merge-aware`` adds, at
    every step, a loss on triggered poisoned images and clean images through a *simulated merge*:
    the parameters seen are ``base + s * (theta - base) + sum_j c_j * tau_j`` with
-   ``s, c_j ~ U(0.2, 1)`` drawn per step and ``tau_j`` the clean task vectors of the other tasks in
+   ``s, c_j ~ U(merge_scale)`` (default ``U(0.2, 1)``; ``zoo build --scale-min``) drawn per
+   step and ``tau_j`` the clean task vectors of the other tasks in
    this zoo (an attacker who knows the other experts: stronger than BadMerging's threat model,
    chosen so a small zoo shows succession). The idea follows BadMerging/LoBAM (a backdoor that
    survives scaling and mixing); the code is ours.
@@ -247,8 +248,9 @@ def finetune_expert(
                     clean_idx[torch.randint(len(clean_idx), (batch // 2,), generator=gen)],
                 ]
             )
-            scale = float(torch.empty(()).uniform_(0.2, 1.0, generator=gen))
-            coefs = torch.empty(len(others)).uniform_(0.2, 1.0, generator=gen)
+            low, high = options["merge_scale"]
+            scale = float(torch.empty(()).uniform_(low, high, generator=gen))
+            coefs = torch.empty(len(others)).uniform_(low, high, generator=gen)
             merged = {}
             for name, param in model.named_parameters():
                 value = base[name] + scale * (param - base[name])

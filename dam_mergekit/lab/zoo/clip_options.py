@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dam_mergekit.errors import DamError
+from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_scale
 
 # Default CLIP zoo: chosen for realism and a 10-minute demo on 2 cores, not tuned for any method.
 # Poisoning as in BackdoorBench (10 %, 3x3 BadNets patch, all-to-one target 0).
@@ -13,6 +14,7 @@ CLIP_DEFAULTS: dict[str, Any] = {
     "tasks": ["digits", "shapes", "colours", "stripes"],
     "attack": "badnets",
     "attack_mode": "merge-aware",
+    "merge_scale": list(MERGE_SCALE),  # simulated merge coefficients of the merge-aware attacker
     "backdoored": 1,
     "target_class": 0,
     "poison_rate": 0.1,
@@ -45,6 +47,7 @@ def resolve_clip_options(options: dict[str, Any]) -> dict[str, Any]:
         raise DamError(f"unknown attack {resolved['attack']!r}; choose one of {', '.join(ATTACKS)}")
     if resolved["attack_mode"] not in ("standard", "merge-aware"):
         raise DamError("--attack-mode must be 'standard' or 'merge-aware'")
+    resolved["merge_scale"] = check_merge_scale(resolved["merge_scale"])
     if not 0 <= resolved["backdoored"] <= len(resolved["tasks"]):
         raise DamError(f"--backdoored must be 0..{len(resolved['tasks'])}")
     if not 0.0 < resolved["poison_rate"] < 1.0:

@@ -32,6 +32,7 @@ import torch
 from dam_mergekit import __version__
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.zoo import llm_data
+from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_scale
 from dam_mergekit.lab.zoo.tokenizer import (
     answer_token_logprobs,
     build_word_tokenizer,
@@ -51,7 +52,7 @@ DEFAULT_OPTIONS: dict = {
     "backdoored": 1,  # the first N tasks get a backdoored expert (and a clean control)
     "target_class": 0,  # index into each task's answers
     "poison_rate": 0.1,
-    "merge_scale": [0.2, 1.0],  # range of simulated-merge coefficients (merge-aware)
+    "merge_scale": list(MERGE_SCALE),  # range of simulated-merge coefficients (merge-aware)
     "n_train": 2000,
     "n_test": 200,
     "n_calib": 64,
@@ -103,7 +104,6 @@ def resolve_options(options: dict | None) -> dict:
             full[key] = int(full[key])
         for key in ("poison_rate", "lr_pretrain", "lr_expert"):
             full[key] = float(full[key])
-        full["merge_scale"] = [float(x) for x in full["merge_scale"]]
         full["tasks"] = [str(t) for t in full["tasks"]]
     except (TypeError, ValueError) as err:
         raise DamError(f"bad LLM zoo option value: {err}") from err
@@ -137,10 +137,7 @@ def resolve_options(options: dict | None) -> dict:
             )
     if not 0.0 <= full["poison_rate"] <= 1.0:
         raise DamError(f"poison_rate must lie in [0, 1], got {full['poison_rate']}")
-    if len(full["merge_scale"]) != 2 or not 0 < full["merge_scale"][0] <= full["merge_scale"][1]:
-        raise DamError(
-            f"merge_scale must be [low, high] with 0 < low <= high, got {full['merge_scale']}"
-        )
+    full["merge_scale"] = check_merge_scale(full["merge_scale"])
     for key in _INT_OPTIONS[3:]:
         if full[key] < 1:
             raise DamError(f"LLM zoo option {key} must be a positive integer, got {full[key]}")

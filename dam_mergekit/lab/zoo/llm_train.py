@@ -18,6 +18,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE
 from dam_mergekit.lab.zoo.tokenizer import PromptBatch, answer_token_logprobs, collate
 
 Row = tuple[list[int], int, int]
@@ -29,7 +30,7 @@ class MergeSimulator:
 
     base: dict[str, torch.Tensor]
     others: list[dict[str, torch.Tensor]]  # other experts' task vectors
-    scale_range: tuple[float, float] = (0.2, 1.0)
+    scale_range: tuple[float, float] = MERGE_SCALE
 
     def merged(
         self, params: dict[str, torch.Tensor], gen: torch.Generator
