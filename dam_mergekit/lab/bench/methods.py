@@ -126,7 +126,7 @@ def backdoor_third_recipe(zoo: Path, manifest: dict, work: Path) -> dict:
     recipe = task_arithmetic_recipe(zoo, manifest, work)
     for entry, task in zip(recipe["models"], manifest["tasks"], strict=True):
         if task["backdoored"]:
-            entry["parameters"]["weight"] = 0.3 / 3
+            entry["parameters"]["weight"] /= 3
     return recipe
 
 
