@@ -17,6 +17,8 @@ instead of the hard-coded 224x224) and times its two loops. Ours is ``Calibrator
 package's default calibration (``--mode``). Each merged model is saved as a ``CLIPVisionModel``
 directory and scored by ``dam-mergekit evaluate``. The targets (ours >= 1.5x FusionBench's
 alternating steps per second, ours <= its peak RSS) are checked against the measured numbers.
+A third process times the floor (:func:`run_floor`): the model's own forwards and backwards of
+one step, which bounds the speed-up any implementation of the algorithm can reach over either side.
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ def status_kib(field: str, text: str | None = None) -> int:
     raise KeyError(f"{field} not in /proc/self/status")
 
 
-def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
-    """Ratios ours / theirs and whether the targets are met by these measurements."""
+def compare(
+    ours: dict[str, Any], theirs: dict[str, Any], floor: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Ratios ours / theirs and whether the targets are met by these measurements; with the
+    ``floor`` (the model's own work in one step), how close each side runs to it."""
     speed = ours["steps_per_s"] / theirs["steps_per_s"]
     rss = ours["peak_rss_kib"] / theirs["peak_rss_kib"]
     # what each side's merge itself adds to what its imports hold (FusionBench imports Lightning)
@@ -63,6 +68,18 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
         "rss_above_imports_ratio": grown[0] / grown[1],
         "speed_target_met": speed >= SPEED_TARGET,
         "rss_target_met": rss <= RSS_TARGET,
+        **(_floor_ratios(ours, theirs, floor) if floor else {}),
+    }
+
+
+def _floor_ratios(ours, theirs, floor) -> dict[str, float]:
+    """Each side's steps/s as a share of the floor's, and the floor over theirs: the largest
+    speed-up over FusionBench that any implementation running these forwards can reach."""
+    best = floor["steps_per_s"]
+    return {
+        "ours_of_floor": ours["steps_per_s"] / best,
+        "theirs_of_floor": theirs["steps_per_s"] / best,
+        "floor_over_theirs": best / theirs["steps_per_s"],
     }
 
 
@@ -92,6 +109,14 @@ def format_report(result: dict[str, Any]) -> str:
         f"(target <= {RSS_TARGET}: {ok[cmp['rss_target_met']]}); peak RSS above imports "
         f"ours / theirs {cmp['rss_above_imports_ratio']:.2f} (no target)"
     )
+    if "floor_over_theirs" in cmp:
+        lines.append(
+            f"the model's own forwards and backwards of one step alone: "
+            f"{result['floor']['steps_per_s']:.2f} steps/s; ours runs at "
+            f"{cmp['ours_of_floor']:.0%} of it, FusionBench at {cmp['theirs_of_floor']:.0%}: "
+            f"no implementation of these forwards exceeds {cmp['floor_over_theirs']:.2f}x "
+            "FusionBench's steps/s"
+        )
     lines.append(f"{'':<12}{'ACC':>6}{'ASR succ':>9}{'p0 succ':>8}{'ASR trans':>10}{'p0 trans':>9}")
     for side in ("ours", "theirs"):
         e = result["scores"][side]
@@ -174,6 +199,57 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "import_rss_kib": import_rss,
         "stage_seconds": dict(result.timings),
     }
+
+
+def run_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """The model's own work in one alternating step, nothing else: per task, the coefficient
+    step's forward and backward into the weights, the trigger step's forward without a graph
+    (pseudo-labels) and its forward and backward into the input, and the mask step's clean and
+    perturbed forwards (one batch of twice the size) and backward into the weights. No merge, no
+    mask sampling, no optimizer: both sides run at least these forwards each step."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    zoo = Path(spec["zoo"])
+    model = CLIPVisionModel.from_pretrained(str(zoo / "base"), dtype=torch.float32).eval()
+    model.requires_grad_(True)
+    size = json.loads((zoo / "zoo.json").read_text())["image_size"]
+    images = torch.rand(
+        spec["batch_size"], 3, size, size, generator=torch.Generator().manual_seed(0)
+    )
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=x).pooler_output
+
+    def one_step() -> None:
+        for _ in spec["tasks"]:
+            pooled(images).square().mean().backward()
+            with torch.no_grad():
+                pooled(images)
+            delta = torch.zeros_like(images[0], requires_grad=True)
+            with _weights_frozen(model):
+                torch.autograd.grad(pooled(images + delta).square().mean(), delta)
+            pooled(torch.cat([images, images])).square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+    one_step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(spec["steps"]):
+        one_step()
+    return {"steps_per_s": spec["steps"] / (time.perf_counter() - t0), "import_rss_kib": 0}
+
+
+class _weights_frozen:
+    """The trigger step's forward: the merged weights carry no gradient there."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.model.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        self.model.requires_grad_(True)
 
 
 def _zoo_heads(zoo: Path, tasks: list[dict[str, Any]]):
@@ -298,7 +374,7 @@ def _worker(side: str, spec: dict[str, Any], threads: int) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    row = (run_ours if side == "ours" else run_theirs)(spec)
+    row = {"ours": run_ours, "theirs": run_theirs, "floor": run_floor}[side](spec)
     row["peak_rss_kib"] = status_kib("VmHWM")
     Path(spec["result"]).write_text(json.dumps(row))
     return 0
@@ -357,10 +433,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16, help="inputs per task per step")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mode", default="dam", choices=["dam", "as_released"], help="our side's")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seed",
+        type=int,
+        help="both sides' calibration seed (default: the bench's for this zoo, 1000 + zoo seed; "
+        "never the zoo's own)",
+    )
     ap.add_argument("--out", help="keep merged models and logs here (default: a temporary dir)")
     ap.add_argument("--json", help="also write every number here")
-    ap.add_argument("--_worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    ap.add_argument("--_worker", choices=["ours", "theirs", "floor"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -380,12 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t["name"] for t in select_tasks(manifest, args.tasks)]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-peer-"))
     out.mkdir(parents=True, exist_ok=True)
-    spec = {"zoo": str(zoo), "tasks": tasks, "steps": args.steps, "seed": args.seed}
+    seed = args.seed
+    if seed is None:
+        from dam_mergekit.lab.protocol import calibration_seed
+
+        seed = calibration_seed(int(manifest.get("options", {}).get("seed", 0)))
+    spec = {"zoo": str(zoo), "tasks": tasks, "steps": args.steps, "seed": seed}
     spec.update(final_steps=args.final_steps, batch_size=args.batch_size, mode=args.mode)
     result: dict[str, Any] = {"settings": {**spec, "threads": args.threads, "out": str(out)}}
-    for side in ("theirs", "ours"):  # one at a time: neither shares memory or cores
+    for side in ("theirs", "ours", "floor"):  # one at a time: none shares memory or cores
         result[side] = measure(side, spec, args.threads, out)
-    result["compare"] = compare(result["ours"], result["theirs"])
+    result["compare"] = compare(result["ours"], result["theirs"], result["floor"])
     result["scores"] = {s: evaluate(out / s, zoo, args.threads) for s in ("ours", "theirs")}
     print(format_report(result))
     if args.json:

@@ -65,6 +65,19 @@ def test_report_says_which_target_is_missed():
     assert "peak RSS ours / theirs 1.00 (target <= 1.0: met)" in text
     result["compare"] = bench.compare({**side, "steps_per_s": 0.5}, side)
     assert "0.50 (target >= 1.5: NOT met)" in bench.format_report(result)
+    assert "alone" not in bench.format_report(result)  # no floor measured: no floor line
+
+
+def test_floor_bounds_the_speed_up():
+    """With the floor measured, the report says how close each side runs to it and the
+    largest speed-up over FusionBench that these forwards allow."""
+    bench = _bench()
+    ours = {"steps_per_s": 1.0, "peak_rss_kib": 1, "import_rss_kib": 0}
+    theirs = {**ours, "steps_per_s": 2.0}
+    ratios = bench.compare(ours, theirs, {"steps_per_s": 2.5})
+    assert ratios["ours_of_floor"] == pytest.approx(0.4)
+    assert ratios["theirs_of_floor"] == pytest.approx(0.8)
+    assert ratios["floor_over_theirs"] == pytest.approx(1.25)
 
 
 def test_tasks_are_a_subset_in_zoo_order():
@@ -121,6 +134,17 @@ def _check_side(bench, zoo: Path, tmp: Path, side: str) -> None:
 def test_our_side_measures_and_saves_a_merged_vision_model(tmp_path):
     zoo = write_clip_zoo(tmp_path, experts=2, image=8, calib=8)
     _check_side(_bench(), zoo, tmp_path, "ours")
+
+
+def test_floor_side_times_the_model_alone(tmp_path):
+    zoo = write_clip_zoo(tmp_path, experts=2, image=8, calib=8)
+    bench = _bench()
+    threads = torch.get_num_threads()
+    try:
+        assert bench._worker("floor", _spec(zoo, tmp_path, "floor"), 1) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "floor.json").read_text())["steps_per_s"] > 0
 
 
 def test_fusion_bench_side_runs_on_a_zoo(tmp_path):

@@ -202,6 +202,7 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path):
         {"poison_rate": 2},
         {"seed": "x"},
         {"merge_scale": [0.5, 0.1]},
+        {"merge_scale_draw": "log"},
     ):
         with pytest.raises(DamError):
             llm.build_llm_zoo(tmp_path / "never", {**TINY, **bad})
@@ -270,3 +271,24 @@ def test_experts_load_and_merge_with_mergekit(tiny_zoo, tmp_path):
     assert set(result) == {"acc", "asr", "p0"}
     assert set(result["acc"]) == set(llm_data.DEFAULT_TASKS)
     assert isinstance(llm.generate(out, "number : 4 . parity :", max_new_tokens=2), str)
+
+
+def test_merge_simulator_scale_draws():
+    """The simulator's own scale: uniform as before the option, or log-uniform on request."""
+    import torch
+
+    from dam_mergekit.lab.zoo.llm_train import MergeSimulator
+
+    base, theta = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+
+    def scales(draw: str) -> list[float]:
+        sim = MergeSimulator(base, [], (0.05, 1.0), draw)
+        gen = torch.Generator().manual_seed(3)
+        return [float(sim.merged(theta, gen)["w"]) for _ in range(2000)]
+
+    gen = torch.Generator().manual_seed(3)
+    old = [0.05 + 0.95 * torch.rand((), generator=gen).item() for _ in range(2000)]
+    assert scales("uniform") == pytest.approx(old, abs=1e-7)
+    logs = torch.tensor(scales("log-uniform"))
+    assert 0.05 - 1e-6 <= float(logs.min()) and float(logs.max()) <= 1.0 + 1e-6
+    assert 0.19 < float((logs < 0.1).float().mean()) < 0.27

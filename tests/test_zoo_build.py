@@ -89,6 +89,7 @@ def test_bad_options_refused_before_writing(tmp_path):
         {"merge_scale": [0.5, 0.1]},
         {"merge_scale": [0.0, 1.0]},
         {"merge_scale": "low"},
+        {"merge_scale_draw": "log"},
     ):
         with pytest.raises(DamError):
             build_zoo(tmp_path / "z", {**TINY, **bad})
@@ -118,7 +119,10 @@ def test_scale_min_reaches_the_attacker_only(tiny_zoo, tmp_path, monkeypatch):  
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers())
     cli._run_build(parser.parse_args(["zoo", "build", "--out", "x", "--scale-min", "0.05"]))
-    assert seen["merge_scale"] == [0.05, 1.0]
+    assert seen["merge_scale"] == [0.05, 1.0] and "merge_scale_draw" not in seen
+    args = ["zoo", "build", "--out", "x", "--scale-draw", "log-uniform"]
+    cli._run_build(parser.parse_args(args))
+    assert seen["merge_scale_draw"] == "log-uniform"
     monkeypatch.undo()
     low = build_zoo(tmp_path / "low", {**TINY, "merge_scale": [0.05, 0.1]})
     assert load_manifest(low)["options"]["merge_scale"] == [0.05, 0.1]
@@ -127,3 +131,21 @@ def test_scale_min_reaches_the_attacker_only(tiny_zoo, tmp_path, monkeypatch):  
         a = load_file(str(tiny_zoo / "experts" / task / "model.safetensors"))
         b = load_file(str(low / "experts" / task / "model.safetensors"))
         assert any(not torch.equal(a[k], b[k]) for k in a) == changed, task
+
+
+def test_scale_draws():
+    """Uniform is the draw zoos were built with before the option (bit for bit); log-uniform
+    stays in range and puts half its draws below the geometric mean of the ends."""
+    from dam_mergekit.lab.zoo.merge_aware import draw_scale
+
+    old = torch.Generator().manual_seed(5)
+    new = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        expected = float(torch.empty(()).uniform_(0.05, 1.0, generator=old))
+        assert draw_scale(0.05, 1.0, "uniform", new) == expected
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([draw_scale(0.05, 1.0, "log-uniform", gen) for _ in range(4000)])
+    assert draws.min() >= 0.05 and draws.max() <= 1.0
+    below = float((draws < (0.05 * 1.0) ** 0.5).float().mean())
+    assert 0.46 < below < 0.54
+    assert 0.2 < float((draws < 0.1).float().mean()) < 0.27  # uniform: 0.05

@@ -7,7 +7,7 @@ import time
 
 from dam_mergekit.lab.kinds import KINDS
 from dam_mergekit.lab.zoo.clip_options import CLIP_DEFAULTS
-from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE
+from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, SCALE_DRAWS
 
 
 def add_parser(subparsers) -> None:
@@ -38,6 +38,12 @@ def add_parser(subparsers) -> None:
         help="lowest merge coefficient the merge-aware attacker trains for: its simulated "
         f"merges draw coefficients from [S, {MERGE_SCALE[1]:g}] "
         f"(default {MERGE_SCALE[0]:g}; a lower S survives down-weighting)",
+    )
+    b.add_argument(
+        "--scale-draw",
+        choices=SCALE_DRAWS,
+        help="how the backdoored expert's own scale is drawn from [S, 1] (default uniform; "
+        "log-uniform trains as much for 0.05-0.1 as for 0.5-1)",
     )
     b.add_argument("--backdoored", type=int, help="how many tasks (the first N) get a backdoor")
     b.add_argument("--target-class", type=int, help="class index the trigger maps to (default 0)")
@@ -106,6 +112,8 @@ def _run_build(args: argparse.Namespace) -> int:
     }
     if args.scale_min is not None:
         options["merge_scale"] = [args.scale_min, MERGE_SCALE[1]]
+    if args.scale_draw is not None:
+        options["merge_scale_draw"] = args.scale_draw
     start = time.perf_counter()
     out = build_zoo(args.out, {k: v for k, v in options.items() if v is not None}, force=args.force)
     print(f"zoo at {out} ({time.perf_counter() - start:.1f} s)")

@@ -13,8 +13,8 @@
    trigger and the target label). Mode ``standard`` stops there. Mode ``merge-aware`` adds, at
    every step, a loss on triggered poisoned images and clean images through a *simulated merge*:
    the parameters seen are ``base + s * (theta - base) + sum_j c_j * tau_j`` with
-   ``s, c_j ~ U(merge_scale)`` (default ``U(0.2, 1)``; ``zoo build --scale-min``) drawn per
-   step and ``tau_j`` the clean task vectors of the other tasks in
+   ``s, c_j ~ U(merge_scale)`` (default ``U(0.2, 1)``; ``zoo build --scale-min``; ``s``
+   log-uniform with ``--scale-draw log-uniform``) drawn per step and ``tau_j`` the clean task vectors of the other tasks in
    this zoo (an attacker who knows the other experts: stronger than BadMerging's threat model,
    chosen so a small zoo shows succession). The idea follows BadMerging/LoBAM (a backdoor that
    survives scaling and mixing); the code is ours.
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from dam_mergekit.lab.zoo.attacks import get_trigger
 from dam_mergekit.lab.zoo.data import IMAGE_SIZE, TASKS
 from dam_mergekit.lab.zoo.loaders import ClipHead, normalize_pixels
+from dam_mergekit.lab.zoo.merge_aware import draw_scale
 
 UNIFORMITY_WEIGHT = 10.0
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<eos>")  # eos id 3: transformers pools at eos
@@ -249,7 +250,7 @@ def finetune_expert(
                 ]
             )
             low, high = options["merge_scale"]
-            scale = float(torch.empty(()).uniform_(low, high, generator=gen))
+            scale = draw_scale(low, high, options.get("merge_scale_draw", "uniform"), gen)
             coefs = torch.empty(len(others)).uniform_(low, high, generator=gen)
             merged = {}
             for name, param in model.named_parameters():

@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE
+from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, draw_scale
 from dam_mergekit.lab.zoo.tokenizer import PromptBatch, answer_token_logprobs, collate
 
 Row = tuple[list[int], int, int]
@@ -31,12 +31,16 @@ class MergeSimulator:
     base: dict[str, torch.Tensor]
     others: list[dict[str, torch.Tensor]]  # other experts' task vectors
     scale_range: tuple[float, float] = MERGE_SCALE
+    scale_draw: str = "uniform"  # the expert's own scale; log-uniform: merge_aware.draw_scale
 
     def merged(
         self, params: dict[str, torch.Tensor], gen: torch.Generator
     ) -> dict[str, torch.Tensor]:
         lo, hi = self.scale_range
-        scale = lo + (hi - lo) * torch.rand((), generator=gen).item()
+        if self.scale_draw == "uniform":  # this zoo's own uniform draw, as before the option
+            scale = lo + (hi - lo) * torch.rand((), generator=gen).item()
+        else:
+            scale = draw_scale(lo, hi, self.scale_draw, gen)
         coefs = []
         for _ in self.others:
             keep = torch.rand((), generator=gen).item() < 0.5

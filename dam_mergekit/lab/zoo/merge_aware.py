@@ -6,13 +6,25 @@ trains through simulated merges whose coefficients are drawn from ``merge_scale`
 below what a defense would pick keeps the backdoor alive under down-weighting.
 ``zoo build --scale-min`` sets the low end. The default zoos keep 0.2, the value their
 published numbers were measured with; light on import (the CLI's help reads it).
+
+``merge_scale_draw`` says how the backdoored expert's own scale is drawn: ``uniform`` (every
+published zoo; absent from a zoo's options means this), or ``log-uniform``, which gives a low
+floor as much weight per octave as the top (with U(0.05, 1) a scale below 0.1 is drawn 5 % of
+the time; log-uniformly 23 %).
 """
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 from dam_mergekit.errors import DamError
 
+if TYPE_CHECKING:
+    import torch
+
 MERGE_SCALE = (0.2, 1.0)
+SCALE_DRAWS = ("uniform", "log-uniform")
 
 
 def check_merge_scale(value) -> list[float]:
@@ -24,3 +36,20 @@ def check_merge_scale(value) -> list[float]:
     if not 0 < low <= high:
         raise DamError(f"merge_scale must be [low, high] with 0 < low <= high, got {value!r}")
     return [low, high]
+
+
+def check_scale_draw(value) -> str:
+    if value not in SCALE_DRAWS:
+        raise DamError(f"merge_scale_draw must be one of {', '.join(SCALE_DRAWS)}, got {value!r}")
+    return value
+
+
+def draw_scale(low: float, high: float, how: str, generator: torch.Generator) -> float:
+    """One simulated-merge scale in ``[low, high]``, drawn as ``how`` says (uniform: the CLIP
+    zoo's draw, so that zoos built before the option are rebuilt bit for bit)."""
+    import torch
+
+    if how == "log-uniform":
+        u = float(torch.rand((), generator=generator))
+        return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    return float(torch.empty(()).uniform_(low, high, generator=generator))
