@@ -32,19 +32,7 @@ def add_parser(subparsers) -> None:
         help="plain poisoned fine-tuning or poisoned steps through a simulated merge "
         "(default merge-aware)",
     )
-    b.add_argument(
-        "--scale-min",
-        type=float,
-        help="lowest merge coefficient the merge-aware attacker trains for: its simulated "
-        f"merges draw coefficients from [S, {MERGE_SCALE[1]:g}] "
-        f"(default {MERGE_SCALE[0]:g}; a lower S survives down-weighting)",
-    )
-    b.add_argument(
-        "--scale-draw",
-        choices=SCALE_DRAWS,
-        help="how the backdoored expert's own scale is drawn from [S, 1] (default uniform; "
-        "log-uniform trains as much for 0.05-0.1 as for 0.5-1)",
-    )
+    _add_merge_scale_arguments(b)
     b.add_argument("--backdoored", type=int, help="how many tasks (the first N) get a backdoor")
     b.add_argument("--target-class", type=int, help="class index the trigger maps to (default 0)")
     b.add_argument("--poison-rate", type=float, help="share of a task's training set poisoned")
@@ -94,6 +82,23 @@ def add_parser(subparsers) -> None:
     imp.add_argument("--force", action="store_true", help="replace an existing output")
     imp.add_argument("--out", required=True, help="calibration directory to create")
     imp.set_defaults(func=_run_import_clip)
+
+
+def _add_merge_scale_arguments(b: argparse.ArgumentParser) -> None:
+    """The merge-aware attacker's scales (lab/zoo/merge_aware.py)."""
+    b.add_argument(
+        "--scale-min",
+        type=float,
+        help="lowest merge coefficient the merge-aware attacker trains for: its simulated "
+        f"merges draw coefficients from [S, {MERGE_SCALE[1]:g}] "
+        f"(default {MERGE_SCALE[0]:g}; a lower S survives down-weighting)",
+    )
+    b.add_argument(
+        "--scale-draw",
+        choices=SCALE_DRAWS,
+        help="how the backdoored expert's own scale is drawn from [S, 1] (default uniform; "
+        "log-uniform trains as much for 0.05-0.1 as for 0.5-1)",
+    )
 
 
 def _run_build(args: argparse.Namespace) -> int:
