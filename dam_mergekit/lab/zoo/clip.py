@@ -14,8 +14,8 @@
    every step, a loss on triggered poisoned images and clean images through a *simulated merge*:
    the parameters seen are ``base + s * (theta - base) + sum_j c_j * tau_j`` with
    ``s, c_j ~ U(merge_scale)`` (default ``U(0.2, 1)``; ``zoo build --scale-min``; ``s``
-   log-uniform with ``--scale-draw log-uniform``) drawn per step and ``tau_j`` the clean task vectors of the other tasks in
-   this zoo (an attacker who knows the other experts: stronger than BadMerging's threat model,
+   log-uniform with ``--scale-draw log-uniform``) drawn per step and ``tau_j`` the clean task
+   vectors of the other tasks in this zoo (an attacker who knows the other experts: stronger than BadMerging's threat model,
    chosen so a small zoo shows succession). The idea follows BadMerging/LoBAM (a backdoor that
    survives scaling and mixing); the code is ours.
 """

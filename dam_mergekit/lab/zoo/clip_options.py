@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dam_mergekit.errors import DamError
-from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_scale, check_scale_draw
+from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_options
 
 # Default CLIP zoo: chosen for realism and a 10-minute demo on 2 cores, not tuned for any method.
 # Poisoning as in BackdoorBench (10 %, 3x3 BadNets patch, all-to-one target 0).
@@ -47,9 +47,7 @@ def resolve_clip_options(options: dict[str, Any]) -> dict[str, Any]:
         raise DamError(f"unknown attack {resolved['attack']!r}; choose one of {', '.join(ATTACKS)}")
     if resolved["attack_mode"] not in ("standard", "merge-aware"):
         raise DamError("--attack-mode must be 'standard' or 'merge-aware'")
-    resolved["merge_scale"] = check_merge_scale(resolved["merge_scale"])
-    if "merge_scale_draw" in resolved:  # absent: uniform, as every zoo built before the option
-        resolved["merge_scale_draw"] = check_scale_draw(resolved["merge_scale_draw"])
+    check_merge_options(resolved)
     if not 0 <= resolved["backdoored"] <= len(resolved["tasks"]):
         raise DamError(f"--backdoored must be 0..{len(resolved['tasks'])}")
     if not 0.0 < resolved["poison_rate"] < 1.0:

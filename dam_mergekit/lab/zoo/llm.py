@@ -32,7 +32,7 @@ import torch
 from dam_mergekit import __version__
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.zoo import llm_data
-from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_scale, check_scale_draw
+from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_options
 from dam_mergekit.lab.zoo.tokenizer import (
     answer_token_logprobs,
     build_word_tokenizer,
@@ -137,9 +137,7 @@ def resolve_options(options: dict | None) -> dict:
             )
     if not 0.0 <= full["poison_rate"] <= 1.0:
         raise DamError(f"poison_rate must lie in [0, 1], got {full['poison_rate']}")
-    full["merge_scale"] = check_merge_scale(full["merge_scale"])
-    if "merge_scale_draw" in full:  # absent: uniform, as every zoo built before the option
-        full["merge_scale_draw"] = check_scale_draw(full["merge_scale_draw"])
+    check_merge_options(full)
     for key in _INT_OPTIONS[3:]:
         if full[key] < 1:
             raise DamError(f"LLM zoo option {key} must be a positive integer, got {full[key]}")

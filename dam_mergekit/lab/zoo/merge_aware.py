@@ -38,6 +38,15 @@ def check_merge_scale(value) -> list[float]:
     return [low, high]
 
 
+def check_merge_options(options: dict) -> None:
+    """Check, in place, a zoo's ``merge_scale`` and (when given) ``merge_scale_draw``: the one
+    check of both the CLIP and the LLM zoo. An absent draw stays absent: uniform, as every zoo
+    built before the option (so their option hashes do not change)."""
+    options["merge_scale"] = check_merge_scale(options["merge_scale"])
+    if "merge_scale_draw" in options:
+        options["merge_scale_draw"] = check_scale_draw(options["merge_scale_draw"])
+
+
 def check_scale_draw(value) -> str:
     if value not in SCALE_DRAWS:
         raise DamError(f"merge_scale_draw must be one of {', '.join(SCALE_DRAWS)}, got {value!r}")
