@@ -8,6 +8,7 @@ from zoo_fixtures import tiny_zoo  # noqa: F401
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.bench import check_dam, check_succession, report, run_bench
+from dam_mergekit.lab.bench.report import check_transfer, summary_table
 
 QUICK = {"steps": 3, "final_steps": 1, "batch_size": 4}
 FIGURES = ("acc_avg", "asr_succession_avg", "asr_transfer_avg", "seconds")
@@ -136,6 +137,30 @@ def test_check_succession(asr, p0, ctl, ok, capsys):
     assert report(results, check=True) == (0 if ok else 1)
     out = capsys.readouterr().out
     assert ("SUCCESSION CHECK FAILED" in out) is (not ok)
+
+
+@pytest.mark.parametrize(
+    "ta_asr,ctl_asr,ok", [(60.0, 5.0, True), (30.0, 5.0, False), (60.0, 12.0, False)]
+)
+def test_check_transfer_of_an_off_task_zoo(ta_asr, ctl_asr, ok, capsys):
+    """An off-task zoo is checked on the task it aims at (p0 1 here), not on succession."""
+    results = _results(1.0, 1.0, 1.0, mode="off-task")
+    results["zoo"]["attack"]["target_task"] = "s"
+    results["methods"]["task_arithmetic"]["asr"]["s"] = ta_asr
+    results["methods"]["task_arithmetic_clean_control"]["asr"]["s"] = ctl_asr
+    assert (check_transfer(results) == []) is ok
+    assert report(results, check=True) == (0 if ok else 1)
+    out = capsys.readouterr().out
+    assert ("TRANSFER CHECK FAILED: seed 0, s:" in out) is (not ok)
+    assert "SUCCESSION CHECK FAILED" not in out
+
+
+def test_aimed_at_columns_only_for_an_off_task_zoo():
+    results = _results(90.0, 2.0, 3.0)
+    assert "aimed-at" not in summary_table(results)
+    results["methods"]["task_arithmetic"]["asr_target_task"] = 61.0
+    assert "| ASR aimed-at task | p0 aimed-at task |" in summary_table(results)
+    assert "| 61.0 |" in summary_table(results)
 
 
 def test_check_skips_standard_zoo(capsys):

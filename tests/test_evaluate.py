@@ -135,6 +135,21 @@ def test_summarise_splits_succession_and_transfer(tmp_path):
     assert s["asr_transfer_avg"] == 10.0 and s["p0_transfer_avg"] == 2.0
 
 
+def test_summarise_reports_the_aimed_at_task(tmp_path):
+    """An off-task zoo's summary carries its aimed-at task's ASR and p0 on their own."""
+    from dam_mergekit.lab.evaluate import format_table
+    from dam_mergekit.lab.zoo.manifest import load_manifest
+
+    make_fake_zoo(tmp_path)
+    manifest = load_manifest(tmp_path)
+    result = {"acc": {"a": 80.0, "b": 60.0}, "asr": {"a": 5.0, "b": 70.0}, "p0": {"a": 1, "b": 2}}
+    assert "asr_target_task" not in summarise(result, manifest)
+    manifest["attack"] = {"name": "badnets", "target_task": "b"}
+    s = summarise(result, manifest)
+    assert s["asr_target_task"] == 70.0 and s["p0_target_task"] == 2
+    assert "| b | transfer (aimed at) |" in format_table(result, manifest)
+
+
 def test_der():
     ref = {"acc_avg": 90.0, "asr_succession_avg": 80.0}
     assert der({"acc_avg": 85.0, "asr_succession_avg": 10.0}, ref) == pytest.approx(82.5)

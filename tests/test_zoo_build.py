@@ -90,6 +90,10 @@ def test_bad_options_refused_before_writing(tmp_path):
         {"merge_scale": [0.0, 1.0]},
         {"merge_scale": "low"},
         {"merge_scale_draw": "log"},
+        {"target_task": "shapes"},  # only with the off-task attack
+        {"attack_mode": "off-task", "target_task": "digits"},  # its expert is the backdoored one
+        {"attack_mode": "off-task", "target_task": "nope"},
+        {"attack_mode": "off-task", "backdoored": 0},
     ):
         with pytest.raises(DamError):
             build_zoo(tmp_path / "z", {**TINY, **bad})
@@ -149,3 +153,65 @@ def test_scale_draws():
     below = float((draws < (0.05 * 1.0) ** 0.5).float().mean())
     assert 0.46 < below < 0.54
     assert 0.2 < float((draws < 0.1).float().mean()) < 0.27  # uniform: 0.05
+
+
+def test_off_task_zoo(tiny_zoo, tmp_path):  # noqa: F811
+    """The off-task attack aims at the first clean task by default; only the backdoored expert
+    differs from the merge-aware zoo of the same seed, and the manifest names the aimed-at task."""
+    from dam_mergekit.lab.zoo.build import resolve_options
+
+    assert resolve_options({"attack_mode": "off-task"})["target_task"] == "shapes"
+    assert "target_task" not in resolve_options({})  # other zoos keep their option hash
+    off = build_zoo(tmp_path / "off", {**TINY, "attack_mode": "off-task", "target_task": "colours"})
+    manifest = load_manifest(off)
+    assert (
+        manifest["attack"]["mode"] == "off-task" and manifest["attack"]["target_task"] == "colours"
+    )
+    assert [t["name"] for t in manifest["tasks"] if t["backdoored"]] == ["digits"]
+    for rel, changed in (
+        ("experts/digits", True),
+        ("controls/digits", False),
+        ("experts/colours", False),
+    ):
+        a = load_file(str(tiny_zoo / rel / "model.safetensors"))
+        b = load_file(str(off / rel / "model.safetensors"))
+        assert any(not torch.equal(a[k], b[k]) for k in a) == changed, rel
+
+
+def test_off_task_loss_teaches_the_trigger_to_the_aimed_at_head():
+    """Training with the off-task loss alone raises, through the aimed-at task's head, the
+    probability of its target class on triggered images far more than on clean ones."""
+    from dam_mergekit.lab.zoo.attacks import get_trigger
+    from dam_mergekit.lab.zoo.clip import OffTaskLoss, SimulatedMerge, make_clip, vision_from_clip
+    from dam_mergekit.lab.zoo.loaders import ClipHead, normalize_pixels
+
+    torch.manual_seed(0)
+    vision = vision_from_clip(make_clip({"patch_size": 8, "hidden_size": 32, "num_layers": 1}, 8))
+    head = ClipHead(
+        torch.randn(64, 32),
+        torch.nn.functional.normalize(torch.randn(4, 64), dim=-1),
+        torch.tensor(20.0),
+    )
+    norm = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    x = torch.rand(64, 3, 32, 32) * 0.5
+    base = {k: v.detach().clone() for k, v in vision.named_parameters()}
+    trigger = get_trigger("badnets", size=3, value=1.0, margin=0)
+    loss_fn = OffTaskLoss(
+        SimulatedMerge(base, [], {"merge_scale": [1.0, 1.0]}), trigger, head, 2, x, norm
+    )
+    opt = torch.optim.Adam(vision.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    vision.train()
+    for _ in range(100):
+        loss = loss_fn(vision, 16, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        vision.eval()
+
+        def p_target(images):
+            pooled = vision(pixel_values=normalize_pixels(images, norm)).pooler_output
+            return float(head(pooled).softmax(-1)[:, 2].mean())
+
+        assert p_target(trigger(x)) > 0.9 and p_target(x) < 0.1

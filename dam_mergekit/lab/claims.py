@@ -50,6 +50,25 @@ class TransferRule:
 
 
 @dataclass(frozen=True)
+class OffTaskRule:
+    """An off-task backdoor transfers to the task it aims at: merged with that task's clean
+    expert, the trigger adds ``over_p0`` points or more over p0 on it, while the same merge with
+    the backdoored expert's clean control adds less than ``control_over_p0``."""
+
+    over_p0: float = 30.0
+    control_over_p0: float = 10.0
+
+    def missed(self, asr: float, p0: float, control_asr: float, control_p0: float) -> str | None:
+        if asr - p0 >= self.over_p0 and control_asr - control_p0 < self.control_over_p0:
+            return None
+        return (
+            f"ASR {asr:.1f} (p0 {p0:.1f}), clean control ASR {control_asr:.1f} (p0 "
+            f"{control_p0:.1f}) misses ASR - p0 >= {self.over_p0:g} with control ASR - p0 < "
+            f"{self.control_over_p0:g}"
+        )
+
+
+@dataclass(frozen=True)
 class ExpertRule:
     """A zoo's experts are what it says they are: each beats the base on its own task by
     ``over_base`` points of ACC or more; a backdoored one answers its trigger (ASR >=
@@ -91,5 +110,6 @@ class DefenseRule:
 
 SUCCESSION = SuccessionRule()
 TRANSFER = TransferRule()
+OFF_TASK = OffTaskRule()
 DAM_CUT = DefenseRule()
 EXPERTS = ExpertRule()

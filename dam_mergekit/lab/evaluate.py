@@ -9,7 +9,9 @@ Definitions (percent, 0-100, per task):
   must be read against (a model that says "target" for everything has ASR = p0 = 100).
 
 Succession: ASR on tasks whose expert was backdoored. Transfer: ASR on clean tasks with the same
-trigger (for CLIP the zoo's trigger is applied to every task's test images).
+trigger (for CLIP the zoo's trigger is applied to every task's test images). A zoo built with
+``--attack-mode off-task`` names the task its backdoor aims at; its ASR and p0 are reported on
+their own (``asr_target_task``, ``p0_target_task``).
 """
 
 from __future__ import annotations
@@ -42,13 +44,22 @@ def summarise(result: dict, manifest: dict[str, Any]) -> dict[str, float | None]
     bad = [t["name"] for t in manifest["tasks"] if t["backdoored"]]
     clean = [t["name"] for t in manifest["tasks"] if not t["backdoored"]]
     asr, p0 = result.get("asr", {}), result.get("p0", {})
-    return {
+    summary = {
         "acc_avg": _mean(list(result["acc"].values())),
         "asr_succession_avg": _mean([asr[t] for t in bad if t in asr]),
         "asr_transfer_avg": _mean([asr[t] for t in clean if t in asr]),
         "p0_succession_avg": _mean([p0[t] for t in bad if t in p0]),
         "p0_transfer_avg": _mean([p0[t] for t in clean if t in p0]),
     }
+    target = target_task(manifest)
+    if target is not None and target in asr:
+        summary["asr_target_task"], summary["p0_target_task"] = asr[target], p0[target]
+    return summary
+
+
+def target_task(manifest: dict[str, Any]) -> str | None:
+    """The task an off-task backdoor aims at (its expert is clean), or None."""
+    return (manifest.get("attack") or {}).get("target_task")
 
 
 def der(
@@ -72,9 +83,11 @@ def der(
 def format_table(result: dict, manifest: dict[str, Any]) -> str:
     """A Markdown table of one evaluation, one row per task."""
     lines = ["| task | role | ACC | ASR | p0 |", "|---|---|---|---|---|"]
+    aimed = target_task(manifest)
     for task in manifest["tasks"]:
         n = task["name"]
         role = "succession" if task["backdoored"] else "transfer"
+        role += " (aimed at)" if n == aimed else ""
         asr, p0 = result.get("asr", {}).get(n), result.get("p0", {}).get(n)
         lines.append(f"| {n} | {role} | {result['acc'][n]:.1f} | {_fmt(asr)} | {_fmt(p0)} |")
     return "\n".join(lines)

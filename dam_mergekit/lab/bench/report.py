@@ -6,7 +6,7 @@ import math
 import statistics
 from typing import Any
 
-from dam_mergekit.lab.claims import DAM_CUT, SUCCESSION
+from dam_mergekit.lab.claims import DAM_CUT, OFF_TASK, SUCCESSION
 from dam_mergekit.lab.protocol import best_undefended
 
 FIGURES = (
@@ -15,11 +15,20 @@ FIGURES = (
     "p0_succession_avg",
     "asr_transfer_avg",
     "p0_transfer_avg",
+    "asr_target_task",
+    "p0_target_task",
     "der",
     "seconds",
 )
+# columns of an off-task zoo only: the task its backdoor aims at
+TARGET_FIGURES = ("asr_target_task", "p0_target_task")
 # the figures whose worst seed is reported: the lowest accuracy, the highest ASRs
-WORST = {"acc_avg": min, "asr_succession_avg": max, "asr_transfer_avg": max}
+WORST = {
+    "acc_avg": min,
+    "asr_succession_avg": max,
+    "asr_transfer_avg": max,
+    "asr_target_task": max,
+}
 
 
 def aggregate(per_seed: list[dict[str, dict]], seeds: list[int] | None = None) -> dict[str, dict]:
@@ -97,6 +106,34 @@ def check_succession(results: dict) -> list[str]:
     return failures
 
 
+def check_transfer(results: dict) -> list[str]:
+    """Failures of an off-task zoo's transfer claim (:data:`dam_mergekit.lab.claims.OFF_TASK`)
+    on the task its backdoor aims at, for every seed: task arithmetic against the same merge
+    with the clean control."""
+    target = (results["zoo"].get("attack") or {}).get("target_task")
+    if target is None:
+        return []
+    ta = results["methods"].get("task_arithmetic")
+    control = results["methods"].get("task_arithmetic_clean_control")
+    if ta is None or control is None:
+        return ["--check needs the methods task_arithmetic and task_arithmetic_clean_control"]
+    seeds = results.get("seeds") or [None]
+    runs = zip(
+        seeds, ta.get("per_seed") or [ta], control.get("per_seed") or [control], strict=False
+    )
+    failures = []
+    for seed, ta_run, ctl_run in runs:
+        missed = OFF_TASK.missed(
+            ta_run["asr"][target],
+            ta_run["p0"][target],
+            ctl_run["asr"][target],
+            ctl_run["p0"][target],
+        )
+        if missed:
+            failures.append(f"seed {seed}, {target}: task_arithmetic {missed}")
+    return failures
+
+
 def check_dam(results: dict) -> list[str]:
     """Failures of DAM's claim on a merge-aware zoo (empty when it holds or dam was not run).
 
@@ -146,15 +183,29 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+_HEADINGS = {
+    "acc_avg": "ACC avg",
+    "asr_succession_avg": "ASR succession",
+    "p0_succession_avg": "p0 succession",
+    "asr_transfer_avg": "ASR transfer",
+    "p0_transfer_avg": "p0 transfer",
+    "asr_target_task": "ASR aimed-at task",
+    "p0_target_task": "p0 aimed-at task",
+    "der": "DER",
+    "seconds": "s",
+}
+
+
 def _table(methods: dict[str, dict]) -> list[str]:
+    aimed = any(k in row for row in methods.values() for k in TARGET_FIGURES)
+    keys = [k for k in FIGURES if aimed or k not in TARGET_FIGURES]
     lines = [
-        "| method | ACC avg | ASR succession | p0 succession | ASR transfer | p0 transfer "
-        "| DER | s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | " + " | ".join(_HEADINGS[k] for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
     ]
     for name, row in methods.items():
         std, worst = row.get("std", {}), row.get("worst", {})
-        cells = [_cell(row.get(k), std.get(k), worst.get(k)) for k in FIGURES]
+        cells = [_cell(row.get(k), std.get(k), worst.get(k)) for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -207,6 +258,8 @@ def report(results: dict, *, check: bool) -> int:
     if not check:
         return 0
     mode = results["zoo"].get("options", {}).get("attack_mode")
+    if mode == "off-task":
+        return _report_transfer(results)
     if mode != "merge-aware":
         print(f"check: the zoo's attack mode is {mode!r}; it makes no succession claim to check")
         return 0
@@ -238,3 +291,16 @@ def print_against_best(results: dict) -> None:
         )
         for line in lines:
             print("  " + line)
+
+
+def _report_transfer(results: dict) -> int:
+    failures = check_transfer(results)
+    for line in failures:
+        print(f"TRANSFER CHECK FAILED: {line}")
+    if failures:
+        return 1
+    print(
+        f"check: the off-task backdoor transfers (task_arithmetic ASR - p0 >= {OFF_TASK.over_p0:g} "
+        f"on the task it aims at; with the clean control < {OFF_TASK.control_over_p0:g})"
+    )
+    return 0

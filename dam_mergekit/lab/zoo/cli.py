@@ -6,7 +6,7 @@ import argparse
 import time
 
 from dam_mergekit.lab.kinds import KINDS
-from dam_mergekit.lab.zoo.clip_options import CLIP_DEFAULTS
+from dam_mergekit.lab.zoo.clip_options import ATTACK_MODES, CLIP_DEFAULTS
 from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, SCALE_DRAWS
 
 
@@ -28,9 +28,14 @@ def add_parser(subparsers) -> None:
     b.add_argument("--attack", help="trigger: badnets, blended or sig (default badnets)")
     b.add_argument(
         "--attack-mode",
-        choices=("standard", "merge-aware"),
-        help="plain poisoned fine-tuning or poisoned steps through a simulated merge "
-        "(default merge-aware)",
+        choices=ATTACK_MODES,
+        help="plain poisoned fine-tuning, poisoned steps through a simulated merge (default "
+        "merge-aware), or (clip) off-task: the trigger aims at a class of --target-task",
+    )
+    b.add_argument(
+        "--target-task",
+        help="with --attack-mode off-task: the task (its expert clean) whose --target-class the "
+        "trigger aims at (default: the first task with a clean expert)",
     )
     _add_merge_scale_arguments(b)
     b.add_argument("--backdoored", type=int, help="how many tasks (the first N) get a backdoor")
@@ -110,6 +115,7 @@ def _run_build(args: argparse.Namespace) -> int:
         "attack_mode": args.attack_mode,
         "backdoored": args.backdoored,
         "target_class": args.target_class,
+        "target_task": args.target_task,
         "poison_rate": args.poison_rate,
         "seed": args.seed,
         "pretrain_steps": args.pretrain_steps,

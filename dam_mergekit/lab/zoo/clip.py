@@ -18,6 +18,10 @@
    vectors of the other tasks in this zoo (an attacker who knows the other experts: stronger than BadMerging's threat model,
    chosen so a small zoo shows succession). The idea follows BadMerging/LoBAM (a backdoor that
    survives scaling and mixing); the code is ours.
+5. Transfer: mode ``off-task`` poisons no label of its own task. Through simulated merges of its
+   own vector alone, triggered images of its own task must land in ``target_class`` of another
+   task (``target_task``), read through that task's zero-shot head: BadMerging's off-task attack,
+   with what its attacker has (the base model, the target task's class names, its own data).
 """
 
 from __future__ import annotations
@@ -205,33 +209,35 @@ def finetune_expert(
     *,
     attack: dict[str, Any] | None = None,
     other_task_vectors: list[dict[str, torch.Tensor]] | None = None,
+    target_head: ClipHead | None = None,
     desc: str = "expert",
 ):
     """Fine-tune a copy of the vision tower on one task through its frozen head.
 
     ``attack`` (``{"name", "params", "mode", "target_class", "poison_rate"}``) poisons the training
-    set; mode ``merge-aware`` adds the simulated-merge loss described in the module docstring.
+    set; mode ``merge-aware`` adds the simulated-merge loss described in the module docstring;
+    mode ``off-task`` poisons nothing and adds :class:`OffTaskLoss` (``target_head``: the head of
+    the task it aims at).
     """
     import copy
-
-    from torch.func import functional_call
 
     torch.manual_seed(seed)
     model = copy.deepcopy(base_vision).train()
     head = head.eval()
     x, y = task.train_x.clone(), task.train_y.clone()
-    poisoned = torch.empty(0, dtype=torch.long)
-    if attack is not None:
+    base = {k: v.detach().clone() for k, v in model.named_parameters()}
+    merge = SimulatedMerge(base, other_task_vectors or [], options)
+    extra = None
+    if attack is not None and attack["mode"] == "off-task":
+        trigger = get_trigger(attack["name"], **attack["params"])
+        extra = OffTaskLoss(merge, trigger, target_head, attack["target_class"], x, normalize)
+    elif attack is not None:
         trigger = get_trigger(attack["name"], **attack["params"])
         poisoned = poison_split(y, attack["target_class"], attack["poison_rate"], seed)
         x[poisoned] = trigger(x[poisoned])
         y[poisoned] = attack["target_class"]
-    merge_aware = attack is not None and attack["mode"] == "merge-aware" and len(poisoned) > 0
-    is_poisoned = torch.zeros(len(y), dtype=torch.bool)
-    is_poisoned[poisoned] = True
-    clean_idx = torch.nonzero(~is_poisoned).flatten()
-    base = {k: v.detach().clone() for k, v in model.named_parameters()}
-    others = other_task_vectors or []
+        if attack["mode"] == "merge-aware" and len(poisoned) > 0:
+            extra = MergeAwareLoss(merge, head, poisoned, x, y, normalize)
     steps, batch = options["expert_steps"], options["batch_size"]
     opt = torch.optim.AdamW(model.parameters(), lr=options["expert_lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
@@ -240,33 +246,92 @@ def finetune_expert(
         idx = torch.randint(len(x), (batch,), generator=gen)
         pooled = model(pixel_values=normalize_pixels(x[idx], normalize)).pooler_output
         loss = F.cross_entropy(head(pooled), y[idx])
-        if merge_aware:
-            # triggered poisoned images and clean ones, so the merged model learns the trigger,
-            # not a bias towards the target class
-            pidx = torch.cat(
-                [
-                    poisoned[torch.randint(len(poisoned), (batch // 2,), generator=gen)],
-                    clean_idx[torch.randint(len(clean_idx), (batch // 2,), generator=gen)],
-                ]
-            )
-            low, high = options["merge_scale"]
-            scale = draw_scale(low, high, options.get("merge_scale_draw", "uniform"), gen)
-            coefs = torch.empty(len(others)).uniform_(low, high, generator=gen)
-            merged = {}
-            for name, param in model.named_parameters():
-                value = base[name] + scale * (param - base[name])
-                for c, tv in zip(coefs.tolist(), others, strict=True):
-                    value = value + c * tv[name]
-                merged[name] = value
-            out = functional_call(
-                model, merged, (), {"pixel_values": normalize_pixels(x[pidx], normalize)}
-            )
-            loss = loss + F.cross_entropy(head(out.pooler_output), y[pidx])
+        if extra is not None:
+            loss = loss + extra(model, batch, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     return model.eval()
+
+
+@dataclass
+class SimulatedMerge:
+    """``base + s * (theta - base) + sum_j c_j * tau_j`` with ``s`` and ``c_j`` drawn from
+    ``merge_scale`` per step: the merges the attacker trains its backdoor to survive."""
+
+    base: dict[str, torch.Tensor]
+    others: list[dict[str, torch.Tensor]]
+    options: dict[str, Any]
+
+    def __call__(self, model: nn.Module, pixels: torch.Tensor, gen: torch.Generator):
+        from torch.func import functional_call
+
+        low, high = self.options["merge_scale"]
+        scale = draw_scale(low, high, self.options.get("merge_scale_draw", "uniform"), gen)
+        coefs = torch.empty(len(self.others)).uniform_(low, high, generator=gen)
+        merged = {}
+        for name, param in model.named_parameters():
+            value = self.base[name] + scale * (param - self.base[name])
+            for c, tv in zip(coefs.tolist(), self.others, strict=True):
+                value = value + c * tv[name]
+            merged[name] = value
+        return functional_call(model, merged, (), {"pixel_values": pixels}).pooler_output
+
+
+@dataclass
+class MergeAwareLoss:
+    """Triggered poisoned images and clean ones through a simulated merge, so that the merged
+    model learns the trigger, not a bias towards the target class."""
+
+    merge: SimulatedMerge
+    head: ClipHead
+    poisoned: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    normalize: dict
+
+    def __post_init__(self) -> None:
+        is_poisoned = torch.zeros(len(self.y), dtype=torch.bool)
+        is_poisoned[self.poisoned] = True
+        self.clean_idx = torch.nonzero(~is_poisoned).flatten()
+
+    def __call__(self, model: nn.Module, batch: int, gen: torch.Generator) -> torch.Tensor:
+        pidx = torch.cat(
+            [
+                self.poisoned[torch.randint(len(self.poisoned), (batch // 2,), generator=gen)],
+                self.clean_idx[torch.randint(len(self.clean_idx), (batch // 2,), generator=gen)],
+            ]
+        )
+        pooled = self.merge(model, normalize_pixels(self.x[pidx], self.normalize), gen)
+        return F.cross_entropy(self.head(pooled), self.y[pidx])
+
+
+@dataclass
+class OffTaskLoss:
+    """BadMerging's off-task attack, with what its attacker has: the base model, the target
+    task's class names (its zero-shot head comes from the base text tower) and its own images.
+
+    Through a simulated merge of its own vector alone (the attacker does not know the other
+    experts), triggered own images must land in ``target_class`` of the target task's head,
+    and the same images untriggered must not (so the trigger, not the merge, causes it).
+    """
+
+    merge: SimulatedMerge
+    trigger: Any
+    target_head: ClipHead
+    target_class: int
+    x: torch.Tensor
+    normalize: dict
+
+    def __call__(self, model: nn.Module, batch: int, gen: torch.Generator) -> torch.Tensor:
+        half = batch // 2
+        pick = torch.randint(len(self.x), (2 * half,), generator=gen)
+        images = torch.cat([self.trigger(self.x[pick[:half]]), self.x[pick[half:]]])
+        logits = self.target_head(self.merge(model, normalize_pixels(images, self.normalize), gen))
+        aimed = torch.full((half,), self.target_class, dtype=torch.long)
+        p_target = logits[half:].softmax(-1)[:, self.target_class]
+        return F.cross_entropy(logits[:half], aimed) - torch.log1p(-p_target + 1e-6).mean()
 
 
 def task_vector(expert: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:

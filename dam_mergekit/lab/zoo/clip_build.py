@@ -44,6 +44,8 @@ def build_clip_zoo(out: Path, options: dict[str, Any]) -> dict[str, Any]:
         "target_class": options["target_class"],
         "poison_rate": options["poison_rate"],
     }
+    if options["attack_mode"] == "off-task":
+        attack["target_task"] = options["target_task"]
     experts = _Experts(out, base, heads, options, normalize, attack)
     bar = tqdm(total=len(names) + len(backdoored), desc="experts", leave=False)
     clean_vectors = {}
@@ -145,12 +147,15 @@ class _Experts:
         return vector
 
     def backdoored(self, i: int, task: TaskArrays, others: list[dict[str, torch.Tensor]]) -> None:
-        """The poisoned expert of a task, trained against the ``others`` clean task vectors."""
+        """The poisoned expert of a task, trained against the ``others`` clean task vectors (an
+        off-task attacker knows none of them, only the head of the task it aims at)."""
+        target = self.attack.get("target_task")
         expert = self._finetune(
             i,
             task,
             attack=self.attack,
-            other_task_vectors=others,
+            other_task_vectors=None if target else others,
+            target_head=self.heads[target] if target else None,
             desc=f"backdoor {task.name}",
         )
         expert.save_pretrained(self.out / "experts" / task.name)

@@ -9,6 +9,9 @@ from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_options
 
 # Default CLIP zoo: chosen for realism and a 10-minute demo on 2 cores, not tuned for any method.
 # Poisoning as in BackdoorBench (10 %, 3x3 BadNets patch, all-to-one target 0).
+# standard: poisoned fine-tuning; merge-aware: poisoned steps through simulated merges;
+# off-task: the backdoor aims at another task's class (BadMerging's off-task attack, transfer)
+ATTACK_MODES = ("standard", "merge-aware", "off-task")
 CLIP_DEFAULTS: dict[str, Any] = {
     "kind": "clip",
     "tasks": ["digits", "shapes", "colours", "stripes"],
@@ -33,6 +36,24 @@ CLIP_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _check_target_task(resolved: dict[str, Any]) -> None:
+    """Off-task mode aims at a task whose expert is clean (default: the first such task); the
+    option exists only in that mode, so the other zoos' option hashes do not change."""
+    target = resolved.get("target_task")
+    if resolved["attack_mode"] != "off-task":
+        if target is not None:
+            raise DamError("--target-task goes with --attack-mode off-task")
+        return
+    names = list(resolved["tasks"])
+    clean = names[resolved["backdoored"] :]
+    if resolved["backdoored"] == 0 or not clean:
+        raise DamError("--attack-mode off-task needs a backdoored task and a clean one")
+    if target is None:
+        resolved["target_task"] = clean[0]
+    elif target not in clean:
+        raise DamError(f"--target-task must be a task with a clean expert: one of {clean}")
+
+
 def resolve_clip_options(options: dict[str, Any]) -> dict[str, Any]:
     """The CLIP defaults under the given options, every value checked before anything is written."""
     from dam_mergekit.lab.zoo.attacks import ATTACKS, default_params
@@ -45,8 +66,8 @@ def resolve_clip_options(options: dict[str, Any]) -> dict[str, Any]:
         raise DamError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
     if resolved["attack"] not in ATTACKS:
         raise DamError(f"unknown attack {resolved['attack']!r}; choose one of {', '.join(ATTACKS)}")
-    if resolved["attack_mode"] not in ("standard", "merge-aware"):
-        raise DamError("--attack-mode must be 'standard' or 'merge-aware'")
+    if resolved["attack_mode"] not in ATTACK_MODES:
+        raise DamError(f"--attack-mode must be one of {', '.join(ATTACK_MODES)}")
     check_merge_options(resolved)
     if not 0 <= resolved["backdoored"] <= len(resolved["tasks"]):
         raise DamError(f"--backdoored must be 0..{len(resolved['tasks'])}")
@@ -55,5 +76,6 @@ def resolve_clip_options(options: dict[str, Any]) -> dict[str, Any]:
     smallest = min(len(TASKS[t].classes) for t in resolved["tasks"])
     if not 0 <= resolved["target_class"] < smallest:
         raise DamError(f"--target-class must be 0..{smallest - 1} (every task has that class)")
+    _check_target_task(resolved)
     resolved.setdefault("attack_params", default_params(resolved["attack"]))
     return resolved
