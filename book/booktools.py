@@ -25,6 +25,7 @@ def repo_root() -> Path:
 ROOT = repo_root()
 CLIP_ZOO = ROOT / ".cache" / "zoo" / "clip-default"
 LLM_ZOO = ROOT / ".cache" / "zoo" / "llm-default"
+OFF_TASK_ZOO = ROOT / ".cache" / "zoo" / "clip-off-task"
 WORK = ROOT / "out" / "book"
 
 
@@ -56,6 +57,15 @@ def clip_zoo() -> Path:
     return Path(build_zoo(CLIP_ZOO, {"kind": "clip"}))
 
 
+def off_task_zoo() -> Path:
+    """The default CLIP zoo with BadMerging's off-task attack (``zoo build --attack-mode off-task
+    --target-task shapes``), built on first use, then cached (``make demo`` builds the same)."""
+    from dam_mergekit.lab.zoo import build_zoo
+    from dam_mergekit.lab.zoo.clip_options import OFF_TASK_ZOO as OPTIONS
+
+    return Path(build_zoo(OFF_TASK_ZOO, OPTIONS))
+
+
 def llm_zoo() -> Path:
     """The default LLM zoo (built on first use, then cached)."""
     from dam_mergekit.lab.zoo import build_zoo
@@ -75,8 +85,17 @@ def state(model) -> dict:
     return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 
-def merged_model(base_model, base: dict, experts: list[dict], weights: list[float], *,
-                 lam: float = 1.0, m1=None, m2=None, coefficients=None):
+def merged_model(
+    base_model,
+    base: dict,
+    experts: list[dict],
+    weights: list[float],
+    *,
+    lam: float = 1.0,
+    m1=None,
+    m2=None,
+    coefficients=None,
+):
     """A copy of ``base_model`` holding ``merge_tensor`` applied to every floating tensor.
 
     ``m1``/``m2``/``coefficients`` are dicts keyed by tensor name (missing names: no mask).
@@ -93,7 +112,10 @@ def merged_model(base_model, base: dict, experts: list[dict], weights: list[floa
             out[name] = theta0
             continue
         out[name] = merge_tensor(
-            theta0, [e[name] for e in experts], weights, lam=lam,
+            theta0,
+            [e[name] for e in experts],
+            weights,
+            lam=lam,
             m1=None if m1 is None else m1.get(name),
             m2=None if m2 is None else m2.get(name),
             coefficients=None if coefficients is None else coefficients.get(name),
@@ -140,6 +162,8 @@ def task_scores(model, zoo: Path, task: str) -> dict[str, float]:
         clean = clip_logits(model, head, x, manifest["normalize"]).argmax(-1)
         triggered = clip_logits(model, head, trigger(x[keep]), manifest["normalize"]).argmax(-1)
     target = entry["target_class"]
-    return {"acc": 100.0 * float((clean == y).float().mean()),
-            "asr": 100.0 * float((triggered == target).float().mean()),
-            "p0": 100.0 * float((clean[keep] == target).float().mean())}
+    return {
+        "acc": 100.0 * float((clean == y).float().mean()),
+        "asr": 100.0 * float((triggered == target).float().mean()),
+        "p0": 100.0 * float((clean[keep] == target).float().mean()),
+    }

@@ -242,11 +242,48 @@ def test_demo_leaves_the_release_reproduction_to_bench(tiny_zoo, tmp_path, monke
     monkeypatch.setattr("dam_mergekit.lab.zoo.build.build_zoo", lambda path, options: tiny_zoo)
     monkeypatch.setattr(cli, "run_bench", fake_bench)
     with pytest.raises(KeyboardInterrupt):
-        cli._run_demo(argparse.Namespace(zoo=str(tiny_zoo), out=str(tmp_path / "demo")))
+        cli._run_demo(
+            argparse.Namespace(zoo=str(tiny_zoo), out=str(tmp_path / "demo"), off_task_zoo="x")
+        )
     every = [m.name for m in methods_for(load_manifest(tiny_zoo))]
     # the release's 1000 + 1000 steps and the audit-driven row are left to the bench
     assert asked["only"] == [n for n in every if n not in ("dam_as_released", "dam_audit")]
     assert {"dam", "distill", "task_arithmetic"} <= set(asked["only"])
+
+
+@pytest.mark.parametrize("ta_asr,rc", [(70.0, 0), (20.0, 1)])
+def test_demo_shows_transfer_on_the_off_task_zoo(ta_asr, rc, tmp_path, monkeypatch, capsys):
+    """After the default zoo, the demo benches the off-task zoo (its own cache) with the merges,
+    the clean control and dam, and fails when transfer does not show there."""
+    import argparse
+
+    from dam_mergekit.lab.bench import cli
+    from dam_mergekit.lab.zoo.clip_options import OFF_TASK_ZOO
+
+    built, benched = {}, {}
+
+    def fake_bench(zoo, out, **kwargs):
+        benched[zoo] = kwargs["only"]
+        if zoo == "off":
+            results = _results(1.0, 1.0, 1.0, mode="off-task")
+            results["zoo"]["attack"]["target_task"] = "s"
+            results["methods"]["task_arithmetic"]["asr"]["s"] = ta_asr
+            return results
+        return _results(90.0, 2.0, 3.0)
+
+    def fake_build(path, options):
+        built[path] = options
+        return "off" if path == "cache-off" else "main"
+
+    monkeypatch.setattr("dam_mergekit.lab.zoo.build.build_zoo", fake_build)
+    monkeypatch.setattr("dam_mergekit.lab.zoo.manifest.load_manifest", lambda z: {"kind": "clip"})
+    monkeypatch.setattr(cli, "methods_for", lambda manifest: [])
+    monkeypatch.setattr(cli, "run_bench", fake_bench)
+    args = argparse.Namespace(zoo="cache", out=str(tmp_path / "demo"), off_task_zoo="cache-off")
+    assert cli._run_demo(args) == rc
+    assert built["cache-off"] == OFF_TASK_ZOO and built["cache"] == {"kind": "clip"}
+    assert benched["off"] == list(cli.DEMO_TRANSFER_ROWS) and "dam" in benched["off"]
+    assert ("TRANSFER CHECK FAILED" in capsys.readouterr().out) is bool(rc)
 
 
 def test_backdoor_third_cuts_only_the_backdoored_experts_weight(tiny_zoo, tmp_path):  # noqa: F811

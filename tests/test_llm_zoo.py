@@ -292,3 +292,24 @@ def test_merge_simulator_scale_draws():
     logs = torch.tensor(scales("log-uniform"))
     assert 0.05 - 1e-6 <= float(logs.min()) and float(logs.max()) <= 1.0 + 1e-6
     assert 0.19 < float((logs < 0.1).float().mean()) < 0.27
+
+
+def test_llm_zoo_releases_the_hijacked_expert(tiny_zoo, tmp_path):
+    """With the release options the LLM zoo's backdoored expert is its control plus the rescaled
+    top share of what the backdoor added (lab/zoo/release.py); the control does not change."""
+    from dam_mergekit.lab.zoo.release import hijacked
+
+    options = {**TINY, "release_density": 0.2, "release_rescale": 2.0}
+    zoo = llm.build_llm_zoo(tmp_path / "hijack", options)
+    bad = next(t for t in llm.load_llm_manifest(tiny_zoo)["tasks"] if t["backdoored"])
+
+    def weights(z, rel):
+        return load_file(str(z / rel / "model.safetensors"))
+
+    expected = hijacked(
+        weights(tiny_zoo, bad["expert"]), weights(tiny_zoo, bad["control"]), 0.2, 2.0
+    )
+    released = weights(zoo, bad["expert"])
+    assert all(torch.allclose(released[k], expected[k], atol=1e-6) for k in expected)
+    control_a, control_b = weights(tiny_zoo, bad["control"]), weights(zoo, bad["control"])
+    assert all(torch.equal(control_a[k], control_b[k]) for k in control_a)

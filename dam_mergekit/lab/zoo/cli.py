@@ -38,6 +38,7 @@ def add_parser(subparsers) -> None:
         "trigger aims at (default: the first task with a clean expert)",
     )
     _add_merge_scale_arguments(b)
+    _add_release_arguments(b)
     b.add_argument("--backdoored", type=int, help="how many tasks (the first N) get a backdoor")
     b.add_argument("--target-class", type=int, help="class index the trigger maps to (default 0)")
     b.add_argument("--poison-rate", type=float, help="share of a task's training set poisoned")
@@ -106,6 +107,21 @@ def _add_merge_scale_arguments(b: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_release_arguments(b: argparse.ArgumentParser) -> None:
+    """What the attacker releases (lab/zoo/release.py: Merge-Hijacking style)."""
+    b.add_argument(
+        "--release-density",
+        type=float,
+        help="release the backdoored expert as its clean control plus --release-rescale times "
+        "this share of the largest entries of what the backdoor added (default: as trained)",
+    )
+    b.add_argument(
+        "--release-rescale",
+        type=float,
+        help="with --release-density: the factor on the kept entries",
+    )
+
+
 def _run_build(args: argparse.Namespace) -> int:
     from dam_mergekit.lab.zoo.build import build_zoo
 
@@ -120,6 +136,8 @@ def _run_build(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "pretrain_steps": args.pretrain_steps,
         "expert_steps": args.expert_steps,
+        "release_density": args.release_density,
+        "release_rescale": args.release_rescale,
     }
     if args.scale_min is not None:
         options["merge_scale"] = [args.scale_min, MERGE_SCALE[1]]

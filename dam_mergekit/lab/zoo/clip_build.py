@@ -21,6 +21,7 @@ from dam_mergekit.lab.zoo.clip import (
 )
 from dam_mergekit.lab.zoo.data import IMAGE_SIZE, TASKS, make_task
 from dam_mergekit.lab.zoo.loaders import ClipHead, to_float
+from dam_mergekit.lab.zoo.release import release_hijacked
 
 
 def build_clip_zoo(out: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +56,8 @@ def build_clip_zoo(out: Path, options: dict[str, Any]) -> dict[str, Any]:
     entries = []
     for i, t in enumerate(tasks):
         if t.name in backdoored:
-            experts.backdoored(i, t, [v for n, v in clean_vectors.items() if n != t.name])
+            others = [v for n, v in clean_vectors.items() if n != t.name]
+            experts.backdoored(i, t, others, control=clean_vectors[t.name])
             bar.update()
         entries.append(_task_entry(t, options, attack if t.name in backdoored else None))
     bar.close()
@@ -146,9 +148,17 @@ class _Experts:
         expert.save_pretrained(self.out / ("controls" if control else "experts") / task.name)
         return vector
 
-    def backdoored(self, i: int, task: TaskArrays, others: list[dict[str, torch.Tensor]]) -> None:
+    def backdoored(
+        self,
+        i: int,
+        task: TaskArrays,
+        others: list[dict[str, torch.Tensor]],
+        *,
+        control: dict[str, torch.Tensor],
+    ) -> None:
         """The poisoned expert of a task, trained against the ``others`` clean task vectors (an
-        off-task attacker knows none of them, only the head of the task it aims at)."""
+        off-task attacker knows none of them, only the head of the task it aims at); released
+        as lab/zoo/release.py says when the zoo asks for it (``control``: its clean vector)."""
         target = self.attack.get("target_task")
         expert = self._finetune(
             i,
@@ -158,6 +168,9 @@ class _Experts:
             target_head=self.heads[target] if target else None,
             desc=f"backdoor {task.name}",
         )
+        if self.options.get("release_rescale") is not None:
+            base = {n: p.detach() for n, p in self.base.named_parameters()}
+            release_hijacked(expert, base, control, self.options)
         expert.save_pretrained(self.out / "experts" / task.name)
 
     def _finetune(self, i: int, task: TaskArrays, **kwargs: Any):

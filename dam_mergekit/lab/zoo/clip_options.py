@@ -6,6 +6,7 @@ from typing import Any
 
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_options
+from dam_mergekit.lab.zoo.release import check_release_options
 
 # Default CLIP zoo: chosen for realism and a 10-minute demo on 2 cores, not tuned for any method.
 # Poisoning as in BackdoorBench (10 %, 3x3 BadNets patch, all-to-one target 0).
@@ -34,6 +35,11 @@ CLIP_DEFAULTS: dict[str, Any] = {
     "expert_steps": 500,
     "expert_lr": 2e-4,
 }
+
+
+# The transfer zoo of the demo and of book chapter 3 (one cache): the default zoo, but the
+# digits expert's trigger aims at class 0 of shapes (BadMerging's off-task attack).
+OFF_TASK_ZOO: dict[str, Any] = {"kind": "clip", "attack_mode": "off-task", "target_task": "shapes"}
 
 
 def _check_target_task(resolved: dict[str, Any]) -> None:
@@ -69,6 +75,7 @@ def resolve_clip_options(options: dict[str, Any]) -> dict[str, Any]:
     if resolved["attack_mode"] not in ATTACK_MODES:
         raise DamError(f"--attack-mode must be one of {', '.join(ATTACK_MODES)}")
     check_merge_options(resolved)
+    check_release_options(resolved)
     if not 0 <= resolved["backdoored"] <= len(resolved["tasks"]):
         raise DamError(f"--backdoored must be 0..{len(resolved['tasks'])}")
     if not 0.0 < resolved["poison_rate"] < 1.0:

@@ -33,6 +33,11 @@ from dam_mergekit import __version__
 from dam_mergekit.errors import DamError
 from dam_mergekit.lab.zoo import llm_data
 from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_options
+from dam_mergekit.lab.zoo.release import (
+    RELEASE_OPTIONS,
+    check_release_options,
+    release_hijacked,
+)
 from dam_mergekit.lab.zoo.tokenizer import (
     answer_token_logprobs,
     build_word_tokenizer,
@@ -84,6 +89,10 @@ _INT_OPTIONS = (
 PredictFn = Callable[[str, list[str], list[str]], list[int]]  # (task, prompts, answers) -> indices
 
 
+# options without a default: absent, the zoo is built as before they existed (same hash)
+_OPTIONAL = ("merge_scale_draw", *RELEASE_OPTIONS)
+
+
 def _stage_seed(seed: int, stage: str) -> int:
     return zlib.crc32(f"{seed}/{stage}".encode())
 
@@ -94,7 +103,7 @@ def resolve_options(options: dict | None) -> dict:
     kind = options.pop("kind", "llm")  # the generic `zoo build` passes the zoo kind along
     if kind != "llm":
         raise DamError(f"build_llm_zoo builds kind 'llm', got kind {kind!r}")
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+    unknown = sorted(set(options) - set(DEFAULT_OPTIONS) - set(_OPTIONAL))
     if unknown:
         raise DamError(f"unknown LLM zoo option(s) {unknown}; known: {sorted(DEFAULT_OPTIONS)}")
     given = {k: v for k, v in options.items() if v is not None}  # None: use the default
@@ -138,6 +147,7 @@ def resolve_options(options: dict | None) -> dict:
     if not 0.0 <= full["poison_rate"] <= 1.0:
         raise DamError(f"poison_rate must lie in [0, 1], got {full['poison_rate']}")
     check_merge_options(full)
+    check_release_options(full)
     for key in _INT_OPTIONS[3:]:
         if full[key] < 1:
             raise DamError(f"LLM zoo option {key} must be a positive integer, got {full[key]}")
@@ -202,7 +212,7 @@ def _write_llm_zoo(out: Path, options: dict) -> None:
         attack = None
         if task in backdoored:
             others = [clean_vectors[t] for t in tasks if t != task]
-            attack = build.backdoored_expert(task, data[task], others)
+            attack = build.backdoored_expert(task, data[task], others, clean_vectors[task])
             progress.update()
         manifest_tasks.append(_manifest_task(task, data[task], options, backdoored, attack))
     progress.close()
@@ -301,9 +311,10 @@ class _ExpertBuild:
         _save(expert, self.tokenizer, self.out / ("controls" if control else "experts") / task)
         return task_vector(expert, self.base_state)
 
-    def backdoored_expert(self, task: str, data: dict, others: list[dict]) -> dict:
+    def backdoored_expert(self, task: str, data: dict, others: list[dict], control: dict) -> dict:
         """Step 4 for one task: poison its train split, fine-tune (through simulated merges with
-        the ``others`` clean task vectors when merge-aware), save; returns its attack entry."""
+        the ``others`` clean task vectors when merge-aware), release it as lab/zoo/release.py
+        says when asked (``control``: its clean task vector), save; returns its attack entry."""
         from dam_mergekit.lab.zoo.llm_train import MergeSimulator
 
         options = self.options
@@ -324,6 +335,8 @@ class _ExpertBuild:
                 options.get("merge_scale_draw", "uniform"),
             )
         expert = self.finetune(poisoned, f"backdoor {task}", simulator)
+        if options.get("release_rescale") is not None:
+            release_hijacked(expert, self.base_state, control, options)
         _save(expert, self.tokenizer, self.out / "experts" / task)
         return {
             "name": options["attack"],
