@@ -286,6 +286,21 @@ def test_demo_shows_transfer_on_the_off_task_zoo(ta_asr, rc, tmp_path, monkeypat
     assert ("TRANSFER CHECK FAILED" in capsys.readouterr().out) is bool(rc)
 
 
+def test_sibling_zoos_keep_the_zoo_kind(tmp_path, monkeypatch):
+    """``bench --seeds`` on an LLM zoo builds LLM siblings (its options hold no ``kind``)."""
+    from dam_mergekit.lab.bench.runner import zoos_for_seeds
+
+    built = {}
+    manifest = {"kind": "llm", "options": {"seed": 0, "attack": "rare-word"}}
+    monkeypatch.setattr("dam_mergekit.lab.zoo.manifest.load_manifest", lambda zoo: manifest)
+    monkeypatch.setattr(
+        "dam_mergekit.lab.zoo.build.build_zoo", lambda path, options: built.update(options) or path
+    )
+    zoos = zoos_for_seeds(tmp_path / "llm", [0, 3])
+    assert zoos[0] == tmp_path / "llm" and zoos[3] == tmp_path / "llm-seed3"
+    assert built == {"kind": "llm", "seed": 3, "attack": "rare-word"}
+
+
 def test_backdoor_third_cuts_only_the_backdoored_experts_weight(tiny_zoo, tmp_path):  # noqa: F811
     from dam_mergekit.lab.bench.methods import backdoor_third_recipe, task_arithmetic_recipe
     from dam_mergekit.lab.zoo.manifest import load_manifest

@@ -85,7 +85,9 @@ def zoos_for_seeds(zoo: Path, seeds: list[int] | None) -> dict[int, Path]:
             zoos[s] = zoo
         else:
             zoos[s] = build_zoo(
-                zoo.parent / f"{zoo.name}-seed{s}", {**manifest["options"], "seed": s}
+                zoo.parent / f"{zoo.name}-seed{s}",
+                # the kind too: an LLM zoo's options do not carry it (the build would be CLIP's)
+                {**manifest["options"], "kind": manifest["kind"], "seed": s},
             )
     return zoos
 
