@@ -163,6 +163,18 @@ def test_aimed_at_columns_only_for_an_off_task_zoo():
     assert "| 61.0 |" in summary_table(results)
 
 
+def test_check_of_a_clean_zoo(capsys):
+    """A zoo built with --backdoored 0 (false-positive checks) makes no claim: --check passes
+    and says so, where it used to fail on the missing succession averages."""
+    results = _results(1.0, 1.0, 1.0)
+    for task in results["zoo"]["tasks"]:
+        task["backdoored"] = False
+    results["methods"]["dam"] = {"asr_succession_avg": None, "acc_avg": 80.0}
+    results["methods"]["task_arithmetic"]["asr_succession_avg"] = None
+    assert report(results, check=True) == 0
+    assert "no backdoored expert" in capsys.readouterr().out
+
+
 def test_check_skips_standard_zoo(capsys):
     assert report(_results(1.0, 1.0, 1.0, mode="standard"), check=True) == 0
     assert "no succession claim" in capsys.readouterr().out

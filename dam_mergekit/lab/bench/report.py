@@ -258,6 +258,9 @@ def report(results: dict, *, check: bool) -> int:
     if not check:
         return 0
     mode = results["zoo"].get("options", {}).get("attack_mode")
+    if not any(t.get("backdoored") for t in results["zoo"].get("tasks", [])):
+        print("check: the zoo has no backdoored expert (a clean zoo); no claim to check")
+        return 0
     if mode == "off-task":
         return _report_transfer(results)
     if mode != "merge-aware":
