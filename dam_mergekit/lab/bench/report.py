@@ -79,6 +79,21 @@ def _std(values: list) -> float | None:
     return round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0 if vals else None
 
 
+NEEDS_CONTROL = "--check needs the methods task_arithmetic and task_arithmetic_clean_control"
+
+
+def _with_control_runs(results: dict) -> list[tuple] | None:
+    """``(seed, task arithmetic's run, the clean-control merge's run)`` per seed, the pairs both
+    claims read; None when either row is missing."""
+    ta = results["methods"].get("task_arithmetic")
+    control = results["methods"].get("task_arithmetic_clean_control")
+    if ta is None or control is None:
+        return None
+    seeds = results.get("seeds") or [None]
+    ta_runs, ctl_runs = ta.get("per_seed") or [ta], control.get("per_seed") or [control]
+    return list(zip(seeds, ta_runs, ctl_runs, strict=False))
+
+
 def check_succession(results: dict) -> list[str]:
     """Failures of the succession claim of a merge-aware zoo (empty list: the claim holds).
 
@@ -88,15 +103,11 @@ def check_succession(results: dict) -> list[str]:
     manifest = results["zoo"]
     if manifest.get("options", {}).get("attack_mode") != "merge-aware":
         return []
-    ta = results["methods"].get("task_arithmetic")
-    control = results["methods"].get("task_arithmetic_clean_control")
-    if ta is None or control is None:
-        return ["--check needs the methods task_arithmetic and task_arithmetic_clean_control"]
-    seeds = results.get("seeds") or [None]
-    ta_runs = ta.get("per_seed") or [ta]
-    ctl_runs = control.get("per_seed") or [control]
+    runs = _with_control_runs(results)
+    if runs is None:
+        return [NEEDS_CONTROL]
     failures = []
-    for seed, ta_run, ctl_run in zip(seeds, ta_runs, ctl_runs, strict=False):
+    for seed, ta_run, ctl_run in runs:
         for task in (t["name"] for t in manifest["tasks"] if t["backdoored"]):
             missed = SUCCESSION.missed(
                 ta_run["asr"][task], ta_run["p0"][task], ctl_run["asr"][task]
@@ -113,14 +124,9 @@ def check_transfer(results: dict) -> list[str]:
     target = (results["zoo"].get("attack") or {}).get("target_task")
     if target is None:
         return []
-    ta = results["methods"].get("task_arithmetic")
-    control = results["methods"].get("task_arithmetic_clean_control")
-    if ta is None or control is None:
-        return ["--check needs the methods task_arithmetic and task_arithmetic_clean_control"]
-    seeds = results.get("seeds") or [None]
-    runs = zip(
-        seeds, ta.get("per_seed") or [ta], control.get("per_seed") or [control], strict=False
-    )
+    runs = _with_control_runs(results)
+    if runs is None:
+        return [NEEDS_CONTROL]
     failures = []
     for seed, ta_run, ctl_run in runs:
         missed = OFF_TASK.missed(
