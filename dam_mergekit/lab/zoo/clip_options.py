@@ -8,11 +8,12 @@ from dam_mergekit.errors import DamError
 from dam_mergekit.lab.zoo.merge_aware import MERGE_SCALE, check_merge_options
 from dam_mergekit.lab.zoo.release import check_release_options
 
-# Default CLIP zoo: chosen for realism and a 10-minute demo on 2 cores, not tuned for any method.
-# Poisoning as in BackdoorBench (10 %, 3x3 BadNets patch, all-to-one target 0).
 # standard: poisoned fine-tuning; merge-aware: poisoned steps through simulated merges;
 # off-task: the backdoor aims at another task's class (BadMerging's off-task attack, transfer)
 ATTACK_MODES = ("standard", "merge-aware", "off-task")
+
+# Default CLIP zoo: chosen for realism and a 10-minute demo on 2 cores, not tuned for any method.
+# Poisoning as in BackdoorBench (10 %, 3x3 BadNets patch, all-to-one target 0).
 CLIP_DEFAULTS: dict[str, Any] = {
     "kind": "clip",
     "tasks": ["digits", "shapes", "colours", "stripes"],
