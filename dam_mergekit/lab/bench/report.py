@@ -7,6 +7,7 @@ import statistics
 from typing import Any
 
 from dam_mergekit.lab.claims import DAM_CUT, OFF_TASK, SUCCESSION
+from dam_mergekit.lab.evaluate import target_task
 from dam_mergekit.lab.protocol import best_undefended
 
 FIGURES = (
@@ -121,7 +122,7 @@ def check_transfer(results: dict) -> list[str]:
     """Failures of an off-task zoo's transfer claim (:data:`dam_mergekit.lab.claims.OFF_TASK`)
     on the task its backdoor aims at, for every seed: task arithmetic against the same merge
     with the clean control."""
-    target = (results["zoo"].get("attack") or {}).get("target_task")
+    target = target_task(results["zoo"])
     if target is None:
         return []
     runs = _with_control_runs(results)
